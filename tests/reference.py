@@ -1,0 +1,105 @@
+"""An independent, in-memory MeZO in plain torch: the yardstick the engine and the strategy are held to.
+
+``params = mezo_reference(model, batches, loss_fn, seed=0, eps=1e-3, lrs=[1e-3])``
+
+It shares only the *specification* of z with the engine (``derive_seed`` and the (block, tensor) numbering:
+blocks in ``discover_blocks`` order and tensors in ``parameters()`` order among the trainable ones; everything
+else is the resident unit). Perturbed forwards go through ``torch.func.functional_call`` on copies; nothing
+is streamed, deferred or packed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from zo2_lightning.engine import RESIDENT_UNIT, derive_seed, discover_blocks
+
+
+def seed_index(model: nn.Module, trainable: set[int] | None = None) -> dict[str, tuple[int, int]]:
+    """Parameter name -> (unit, tensor) for the trainable parameters (all with requires_grad by default)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    is_trainable = (lambda p: id(p) in trainable) if trainable is not None else (lambda p: p.requires_grad)
+    index: dict[str, tuple[int, int]] = {}
+    in_blocks: set[int] = set()
+    for b, block in enumerate(discover_blocks(model)):
+        j = 0
+        for p in block.parameters():
+            in_blocks.add(id(p))
+            if is_trainable(p) and names[id(p)] not in index:
+                index[names[id(p)]] = (b, j)
+                j += 1
+    j = 0
+    for n, p in model.named_parameters():
+        if id(p) not in in_blocks and is_trainable(p):
+            index[n] = (RESIDENT_UNIT, j)
+            j += 1
+    return index
+
+
+def directions(model: nn.Module, seed: int, step: int, index: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    out = {}
+    for n, (unit, j) in index.items():
+        g = torch.Generator().manual_seed(derive_seed(seed, step, unit, j))
+        out[n] = torch.randn(params[n].shape, generator=g, dtype=params[n].dtype)
+    return out
+
+
+@torch.no_grad()
+def perturbed_loss(model: nn.Module, batch: dict, loss_fn, z: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    params = {n: p + scale * z[n] if n in z else p for n, p in model.named_parameters()}
+    return loss_fn(_Call(model, params), batch)
+
+
+class _Call:
+    """Quacks like the model for loss_fn(model, batch), but calls it with substituted parameters."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        self._model, self._params = model, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._model, self._params, args, kwargs)
+
+
+@torch.no_grad()
+def mezo_reference(
+    model: nn.Module,
+    batches: Sequence[dict],
+    loss_fn,
+    *,
+    seed: int,
+    eps: float,
+    lr: float,
+    weight_decay: float = 0.0,
+    start_step: int = 0,
+    micro_batches: int = 1,
+) -> list[tuple[float, float, float]]:
+    """Run MeZO in place on ``model`` (eval mode); one step per ``micro_batches`` batches.
+
+    Returns:
+        (L+, L-, g) per step, with g averaged over the micro-batches of the step.
+    """
+    model.eval()
+    index = seed_index(model)
+    params = dict(model.named_parameters())
+    history = []
+    for k in range(len(batches) // micro_batches):
+        step = start_step + k
+        z = directions(model, seed, step, index)
+        gs, lps, lms = [], [], []
+        for batch in batches[k * micro_batches : (k + 1) * micro_batches]:
+            lp = perturbed_loss(model, batch, loss_fn, z, eps).item()
+            lm = perturbed_loss(model, batch, loss_fn, z, -eps).item()
+            gs.append((lp - lm) / (2 * eps))
+            lps.append(lp)
+            lms.append(lm)
+        g = sum(gs) / len(gs)
+        for n in index:
+            p = params[n]
+            p.data = p - lr * (g * z[n] + weight_decay * p) if weight_decay else p - lr * (g * z[n])
+        history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
+    return history

@@ -1,0 +1,29 @@
+"""The offload engine: plain torch, no Lightning, no Hydra (DESIGN.md decision 9).
+
+``from zo2_lightning.engine import ZOEngine, discover_blocks``
+"""
+
+from zo2_lightning.engine.blocks import NoBlocksError, discover_blocks
+from zo2_lightning.engine.lockstep import LockstepDivergenceError, LockstepPair
+from zo2_lightning.engine.perturb import perturb_into, projected_grad, sgd_update_
+from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
+from zo2_lightning.engine.streaming import BlockStreamer
+from zo2_lightning.engine.units import Unit
+from zo2_lightning.engine.zo import Commit, ZOEngine
+
+__all__ = [
+    "RESIDENT_UNIT",
+    "BlockStreamer",
+    "Commit",
+    "LockstepDivergenceError",
+    "LockstepPair",
+    "NoBlocksError",
+    "Unit",
+    "ZOEngine",
+    "derive_seed",
+    "discover_blocks",
+    "draw_direction",
+    "perturb_into",
+    "projected_grad",
+    "sgd_update_",
+]

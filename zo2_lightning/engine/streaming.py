@@ -1,0 +1,229 @@
+"""Where each block's parameters live, and the copies between host memory and the working device.
+
+``streamer = BlockStreamer(units, device, offload=True, pin_memory=True, prefetch=1, resident=0)``;
+``streamer.offload()`` once, then ``flats = streamer.acquire(i)`` / ``streamer.release(i, dirty)`` per use.
+
+Each block owns one flat host buffer per dtype (pinned when the working device is CUDA), allocated once.
+When host and working device differ, a block is uploaded into one of a few reusable device slots on a
+dedicated upload stream and, if its values changed, written back on an offload stream; streams are ordered
+by events, never by a device-wide synchronize. When they are the same device (CPU training, or offloading
+switched off) the host buffer *is* the working buffer and every copy is skipped: the same code path runs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from zo2_lightning.engine.units import Unit
+
+
+@dataclass
+class _DeviceSlot:
+    buffers: dict[torch.dtype, torch.Tensor]
+    block: int | None = None
+    ready: torch.cuda.Event | None = None  # upload finished (recorded on the upload stream)
+    free: torch.cuda.Event | None = None  # last reader / write-back finished; safe to overwrite
+
+
+@dataclass
+class _Streams:
+    upload: torch.cuda.Stream | None = None
+    offload: torch.cuda.Stream | None = None
+    host_ready: dict[int, torch.cuda.Event] = field(default_factory=dict)  # block -> write-back finished
+
+
+class BlockStreamer:
+    """Host copies of the blocks and their transfers to the working device.
+
+    Args:
+        units: one per block, in block order.
+        device: the working device (where forwards run).
+        offload: keep block parameters in host memory; if False they stay on ``device`` (in-device MeZO).
+        pin_memory: pin the host buffers (only meaningful when ``device`` is CUDA).
+        prefetch: how many blocks ahead :meth:`prefetch` may upload while the current one computes.
+        resident: the first ``resident`` blocks are uploaded once and stay on the working device.
+        force_copies: copy between separate host and working buffers even when both are on the CPU (tests use
+            it to exercise the transfer path without a GPU).
+    """
+
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        device: torch.device,
+        *,
+        offload: bool = True,
+        pin_memory: bool = False,
+        prefetch: int = 1,
+        resident: int = 0,
+        force_copies: bool = False,
+    ) -> None:
+        self.units = list(units)
+        self.device = device
+        self.host_device = torch.device("cpu") if offload else device
+        self.copies = (offload and device.type != "cpu") or force_copies
+        self.pin = bool(pin_memory and offload and device.type == "cuda")
+        self.prefetch_depth = max(0, int(prefetch))
+        self.resident = set(range(min(max(0, int(resident)), len(self.units)))) if self.copies else set()
+        self.host: list[list[torch.Tensor]] = []
+        self._slots: list[_DeviceSlot] = []
+        self._resident_slots: dict[int, _DeviceSlot] = {}
+        self._on_device: OrderedDict[int, _DeviceSlot] = OrderedDict()  # LRU order, streamed blocks only
+        self._active: set[int] = set()
+        self._prefetched: set[int] = set()  # uploaded ahead, not yet acquired
+        self._stale: set[int] = set()  # resident blocks whose host copy lags the device copy
+        cuda = device.type == "cuda" and self.copies
+        self._streams = _Streams(torch.cuda.Stream(device), torch.cuda.Stream(device)) if cuda else _Streams()
+        self.bytes_uploaded = 0
+        self.bytes_offloaded = 0
+
+    # ------------------------------------------------------------------ set-up / tear-down
+    def offload(self) -> None:
+        """Move every block's parameters into its flat host buffers and point the parameters there."""
+        for unit in self.units:
+            flats = unit.pack(self.host_device, pin=self.pin)
+            unit.bind(flats)  # the old per-parameter storage is freed here
+            self.host.append(flats)
+        if not self.copies:
+            return
+        sizes: dict[torch.dtype, int] = {}
+        for unit in self.units:
+            for seg in unit.segments:
+                sizes[seg.dtype] = max(sizes.get(seg.dtype, 0), seg.numel)
+        n_slots = self.prefetch_depth + 2  # the block in use, the one being released, and the prefetched ones
+        self._slots = [self._new_slot(sizes) for _ in range(n_slots)]
+        for i in sorted(self.resident):
+            slot = self._new_slot({seg.dtype: seg.numel for seg in self.units[i].segments})
+            self._upload(i, slot)
+            self._resident_slots[i] = slot
+
+    def _new_slot(self, sizes: dict[torch.dtype, int]) -> _DeviceSlot:
+        return _DeviceSlot({dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items()})
+
+    def restore(self) -> None:
+        """Give every parameter its own storage again, on the working host device, holding the host values."""
+        self.sync_host()
+        for unit, flats in zip(self.units, self.host):
+            for seg, flat in zip(unit.segments, flats):
+                for slot in seg.slots:
+                    slot.param.data = slot.view(flat).clone()
+        self.host.clear()
+        self._slots.clear()
+        self._resident_slots.clear()
+        self._on_device.clear()
+        self._active.clear()
+        self._prefetched.clear()
+
+    # ------------------------------------------------------------------ per use
+    def acquire(self, i: int) -> list[torch.Tensor]:
+        """The working-device flats of block ``i`` (uploading it if needed), ready for the compute stream."""
+        self._active.add(i)
+        if not self.copies:
+            return self.host[i]
+        self._prefetched.discard(i)
+        slot = self._resident_slots.get(i) or self._on_device.get(i)
+        if slot is None:
+            slot = self._upload(i, self._free_slot(evict_prefetched=True))
+        elif i in self._on_device:
+            self._on_device.move_to_end(i)
+        if slot.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)  # upload -> compute
+        return self._views(i, slot)
+
+    def prefetch(self, i: int) -> None:
+        """Start uploading block ``i`` if a slot is free; a hint, never required for correctness."""
+        if not self.copies or i < 0 or i >= len(self.units) or i in self.resident or i in self._on_device:
+            return
+        slot = self._free_slot(evict_prefetched=False)
+        if slot is not None:
+            self._upload(i, slot)
+            self._prefetched.add(i)
+
+    def release(self, i: int, dirty: bool) -> None:
+        """Block ``i`` is no longer read; if ``dirty`` its values changed and go back to the host copy."""
+        self._active.discard(i)
+        if not self.copies:
+            return
+        if i in self.resident:
+            if dirty:
+                self._stale.add(i)
+            return
+        slot = self._on_device[i]
+        if dirty:
+            self._write_back(i, slot)
+        elif slot.free is not None:
+            slot.free.record(torch.cuda.current_stream(self.device))  # compute done reading
+
+    def sync_host(self) -> None:
+        """Make every host copy current (write back stale resident blocks and wait for pending write-backs)."""
+        for i in sorted(self._stale):
+            self._write_back(i, self._resident_slots[i])
+        self._stale.clear()
+        if self._streams.offload is not None:
+            self._streams.offload.synchronize()  # outside the step loop: flush, checkpoint, teardown
+
+    # ------------------------------------------------------------------ transfers
+    def _views(self, i: int, slot: _DeviceSlot) -> list[torch.Tensor]:
+        return [slot.buffers[seg.dtype][: seg.numel] for seg in self.units[i].segments]
+
+    def _free_slot(self, evict_prefetched: bool) -> _DeviceSlot | None:
+        """An empty slot, else the least recently used released block's, else (if allowed) a prefetched one's."""
+        for slot in self._slots:
+            if slot.block is None:
+                return slot
+        for keep_prefetched in (True, False) if evict_prefetched else (True,):
+            for i, slot in self._on_device.items():  # least recently used first
+                if i in self._active or (keep_prefetched and i in self._prefetched):
+                    continue
+                del self._on_device[i]
+                self._prefetched.discard(i)
+                slot.block = None
+                return slot
+        if evict_prefetched:
+            raise RuntimeError(f"all {len(self._slots)} device slots hold blocks in use; raise `prefetch`")
+        return None
+
+    def _upload(self, i: int, slot: _DeviceSlot) -> _DeviceSlot:
+        slot.block = i
+        if i not in self.resident:
+            self._on_device[i] = slot
+        dst = self._views(i, slot)
+        up = self._streams.upload
+        if up is None:  # CPU copy path: synchronous
+            for d, h in zip(dst, self.host[i]):
+                d.copy_(h)
+        else:
+            with torch.cuda.stream(up):
+                if slot.free is not None:
+                    up.wait_event(slot.free)  # the slot's previous block is no longer read or written back
+                if i in self._streams.host_ready:
+                    up.wait_event(self._streams.host_ready.pop(i))  # our host copy is fully written back
+                for d, h in zip(dst, self.host[i]):
+                    d.copy_(h, non_blocking=True)
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(up)
+                slot.free = torch.cuda.Event()
+        self.bytes_uploaded += self.units[i].nbytes
+        return slot
+
+    def _write_back(self, i: int, slot: _DeviceSlot) -> None:
+        src = self._views(i, slot)
+        off = self._streams.offload
+        if off is None:
+            for h, d in zip(self.host[i], src):
+                h.copy_(d)
+        else:
+            computed = torch.cuda.Event()
+            computed.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(off):
+                off.wait_event(computed)  # the update has been written on the compute stream
+                for h, d in zip(self.host[i], src):
+                    h.copy_(d, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(off)
+            slot.free = done  # the slot may be refilled only after the copy out
+            self._streams.host_ready[i] = done  # a re-upload of block i must wait for it
+        self.bytes_offloaded += self.units[i].nbytes

@@ -1,0 +1,367 @@
+"""The ZO engine: one MeZO step on a model whose blocks stream through the working device.
+
+```python
+engine = ZOEngine(model, blocks, torch.device("cuda"), seed=0)
+engine.attach(trainable_groups)                      # offload blocks, hooks on
+loss_plus, loss_minus = engine.run_pair(lambda sign: loss_fn(model, batch), step=t, eps=1e-3)
+engine.commit(step=t, g=(loss_plus - loss_minus) / 2e-3, lrs=[1e-6], weight_decays=[0.0])
+engine.detach()                                      # flushed, hooks off, parameters back where they were
+```
+
+Plain torch: nothing here knows about Lightning or Hydra (DESIGN.md decision 9). The engine owns *what*
+happens to the parameters (perturbed copies, deferred update, flush); :mod:`.streaming` owns *where* they
+are; :mod:`.lockstep` owns the interleaving of the two forwards; :mod:`.perturb` owns the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from zo2_lightning.engine.lockstep import LockstepPair
+from zo2_lightning.engine.perturb import perturb_into, sgd_update_
+from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
+from zo2_lightning.engine.streaming import BlockStreamer
+from zo2_lightning.engine.units import Unit
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The update of one step, applied to each block when it next arrives (or at a flush)."""
+
+    step: int
+    g: float
+    lrs: tuple[float, ...]  # per optimizer param group
+    weight_decays: tuple[float, ...]
+
+
+@dataclass
+class _Acquired:
+    flats: list[torch.Tensor]  # the block's working-device flats
+    dirty: bool  # values changed since upload: write back on release
+
+
+class ZOEngine:
+    """Streaming MeZO on any ``nn.Module`` with a list of blocks.
+
+    Args:
+        model: the root module (everything that is not inside a block stays on ``device``).
+        blocks: the modules streamed one at a time, in their usual forward order.
+        device: the working device.
+        seed: run seed; z for (step, block, tensor) is a pure function of it.
+        offload: keep block parameters in host memory (False: everything on ``device``, in-device MeZO).
+        pin_memory: pin host buffers when ``device`` is CUDA (``None``: yes when it is).
+        prefetch: blocks uploaded ahead of the one computing.
+        resident_blocks: the first N blocks stay on ``device`` for the whole run.
+        force_copies: exercise the host<->device copy path even on CPU (tests).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[nn.Module],
+        device: torch.device,
+        *,
+        seed: int = 0,
+        offload: bool = True,
+        pin_memory: bool | None = None,
+        prefetch: int = 1,
+        resident_blocks: int = 0,
+        force_copies: bool = False,
+    ) -> None:
+        self.model = model
+        self.blocks = list(blocks)
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self._stream_args = dict(
+            offload=offload,
+            pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
+            prefetch=prefetch,
+            resident=resident_blocks,
+            force_copies=force_copies,
+        )
+        self.streamer: BlockStreamer | None = None
+        self.units: list[Unit] = []
+        self.resident: Unit | None = None
+        self._res_w: list[torch.Tensor] = []
+        self._res_z: list[torch.Tensor] = []
+        self._res_z_step: int | None = None
+        self._res_pert: dict[int, list[torch.Tensor]] = {}
+        self._scratch: dict[str, dict[torch.dtype, torch.Tensor]] = {}
+        self._group_of: dict[int, int] = {}  # id(param) -> optimizer param group
+        self._commits: list[Commit] = []
+        self._applied: list[int] = []  # per block: how many commits it has absorbed
+        self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
+        self._pair: LockstepPair | None = None
+        self._step = 0
+        self._eps = 0.0
+        self._signed_block: int | None = None
+        self._orig_devices: dict[int, torch.device] = {}
+        self._handles: list[RemovableHandle] = []
+        self._generator: torch.Generator | None = None
+        self.attached = False
+
+    # ================================================================== attach / detach
+    def attach(self, trainable_groups: Sequence[Sequence[nn.Parameter]] = ()) -> None:
+        """Offload the blocks, place the rest on the device, and install the hooks.
+
+        Args:
+            trainable_groups: the optimizer's param groups; parameters in them with ``requires_grad`` are
+                perturbed and updated, all others are only read.
+        """
+        if self.attached:
+            raise RuntimeError("ZOEngine.attach() called twice")
+        self._group_of = {
+            id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad
+        }
+        trainable = set(self._group_of)
+        for p in self.model.parameters():
+            self._orig_devices[id(p)] = p.device
+        for b in self.model.buffers():
+            self._orig_devices[id(b)] = b.device
+        block_param_ids: set[int] = set()
+        for i, block in enumerate(self.blocks):
+            unit = Unit.build(i, block.parameters(), trainable)
+            block_param_ids.update(id(p) for p in unit.params)
+            self.units.append(unit)
+        self._applied = [0] * len(self.units)
+        self.streamer = BlockStreamer(self.units, self.device, **self._stream_args)
+        self.streamer.offload()
+        # everything outside the blocks lives on the working device
+        res_params = [p for p in self.model.parameters() if id(p) not in block_param_ids]
+        for p in res_params:
+            p.data = p.data.to(self.device)
+        for module in self.model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.device)
+        self.resident = Unit.build(RESIDENT_UNIT, [p for p in res_params if id(p) in trainable], trainable)
+        self._res_w = self.resident.pack(self.device)
+        self.resident.bind(self._res_w)
+        self._allocate_scratch()
+        self._generator = torch.Generator(device=self.device)
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._block_hook(i)))
+        for module in self.model.modules():
+            self._handles.append(module.register_state_dict_pre_hook(self._state_dict_hook))
+        self.attached = True
+
+    def detach(self) -> None:
+        """Flush, remove every hook and give each parameter its own storage on its original device."""
+        if not self.attached:
+            return
+        self.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        assert self.streamer is not None and self.resident is not None
+        self.streamer.restore()
+        for seg, flat in zip(self.resident.segments, self._res_w):
+            for slot in seg.slots:
+                slot.param.data = slot.view(flat).clone()
+        for p in self.model.parameters():
+            dev = self._orig_devices.get(id(p))
+            if dev is not None and p.device != dev:
+                p.data = p.data.to(dev)
+        for module in self.model.modules():
+            for name, buf in module._buffers.items():
+                dev = self._orig_devices.get(id(buf)) if buf is not None else None
+                if dev is not None and buf.device != dev:
+                    module._buffers[name] = buf.to(dev)
+        self._res_w, self._res_z, self._res_pert, self._scratch = [], [], {}, {}
+        self.units, self.resident, self.streamer = [], None, None
+        self._commits, self._applied, self._active = [], [], {}
+        self.attached = False
+
+    def _allocate_scratch(self) -> None:
+        sizes: dict[torch.dtype, int] = {}
+        for unit in self.units:
+            for seg in unit.segments:
+                sizes[seg.dtype] = max(sizes.get(seg.dtype, 0), seg.trainable_numel)
+        self._scratch = {
+            name: {dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items() if n}
+            for name in ("z", "plus", "minus")
+        }
+        assert self.resident is not None
+        # the resident unit holds trainable parameters only, so its flats are all "trainable head"
+        self._res_z = [torch.empty_like(w) for w in self._res_w]
+        self._res_pert = {s: [torch.empty_like(w) for w in self._res_w] for s in (+1, -1)}
+
+    # ================================================================== the step
+    def run_pair(self, fn: Callable[[int], Any], step: int, eps: float) -> tuple[Any, Any]:
+        """Run ``fn(sign)`` for sign = +1 and -1 in lockstep on theta + sign * eps * z(step).
+
+        ``fn`` must run the model forward (all blocks through their modules) and return its result; the
+        caller decides what the result is (usually the scalar loss).
+        """
+        self._release_all()
+        self._step, self._eps = int(step), float(eps)
+        self._prepare_resident()
+        self._pair = LockstepPair(self._activate, self._transition)
+        try:
+            return self._pair.run(fn)
+        finally:
+            self._pair = None
+            self._signed_block = None
+            self._release_all()
+            assert self.resident is not None
+            self.resident.bind(self._res_w)
+
+    def commit(self, step: int, g: float, lrs: Sequence[float], weight_decays: Sequence[float]) -> None:
+        """Record the update of ``step``: resident parameters now, blocks when they next arrive."""
+        c = Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)))
+        self._commits.append(c)
+        assert self.resident is not None
+        if self.resident.trainable:
+            if self._res_z_step != c.step:
+                self._draw(self.resident, c.step, self._res_z)
+            self._apply(self.resident, self._res_w, self._res_z, c)
+            self._res_z_step = None  # consumed as scratch by the update
+
+    def flush(self) -> None:
+        """Apply every pending update and make the host copies current. Idempotent."""
+        if self._pair is not None:
+            return  # parameters are perturbed mid-step; nothing outside the step may read them now
+        if self.streamer is None:
+            return
+        self._release_all()
+        for i in range(len(self.units)):
+            if self._applied[i] < len(self._commits):
+                flats = self.streamer.acquire(i)
+                self._catch_up(i, flats)
+                self.streamer.release(i, dirty=True)
+        self.streamer.sync_host()
+        self._commits.clear()
+        self._applied = [0] * len(self.units)
+
+    @property
+    def sign(self) -> int | None:
+        """+1 / -1 while one of the paired runs executes, else None."""
+        return self._pair.sign if self._pair is not None else None
+
+    def release_blocks(self) -> None:
+        """Let go of the blocks an evaluation forward left on the device."""
+        if self.streamer is not None and self._pair is None:
+            self._release_all()
+
+    @property
+    def pending(self) -> int:
+        """Number of block updates not yet applied."""
+        return sum(len(self._commits) - a for a in self._applied)
+
+    # ================================================================== block arrivals
+    def _block_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if self._pair is not None and self._pair.active:
+                self._pair.barrier(i)  # lockstep: _transition / _activate do the binding
+            else:
+                self.units[i].bind(self._arrive(i))
+
+        return hook
+
+    def _arrive(self, i: int) -> list[torch.Tensor]:
+        """Make block ``i`` current on the device (deferred updates applied) and release the others."""
+        for j in [j for j in self._active if j != i]:
+            self._release(j)
+        if i not in self._active:
+            flats = self.streamer.acquire(i)
+            self._active[i] = _Acquired(flats, self._catch_up(i, flats))
+        for k in range(1, self.streamer.prefetch_depth + 1):
+            self.streamer.prefetch(i + k)
+        return self._active[i].flats
+
+    def _transition(self, i: int) -> None:
+        """Both runs reached block ``i``: bring it in and build its two perturbed copies."""
+        flats = self._arrive(i)
+        unit = self.units[i]
+        if unit.trainable:
+            z = self._scratch_views("z", unit)
+            self._draw(unit, self._step, z)
+            for seg, w, zz, pp, pm in zip(
+                unit.segments, flats, z, self._scratch_views("plus", unit), self._scratch_views("minus", unit)
+            ):
+                n = seg.trainable_numel
+                perturb_into(pp, w[:n], zz, self._eps)
+                perturb_into(pm, w[:n], zz, -self._eps)
+        self._signed_block = i
+
+    def _activate(self, sign: int) -> None:
+        """The run of ``sign`` is about to execute: every parameter it may read holds its sign."""
+        assert self.resident is not None
+        self.resident.bind_signed(self._res_w, self._res_pert[sign])
+        i = self._signed_block
+        if i is not None:
+            unit, flats = self.units[i], self._active[i].flats
+            unit.bind_signed(flats, self._scratch_views("plus" if sign > 0 else "minus", unit))
+
+    def _release(self, j: int) -> None:
+        acquired = self._active.pop(j)
+        self.units[j].bind(self.streamer.host[j])
+        self.streamer.release(j, acquired.dirty)
+
+    def _release_all(self) -> None:
+        for j in list(self._active):
+            self._release(j)
+
+    # ================================================================== arithmetic on units
+    def _prepare_resident(self) -> None:
+        assert self.resident is not None
+        if not self.resident.trainable:
+            return
+        self._draw(self.resident, self._step, self._res_z)
+        self._res_z_step = self._step
+        for w, z, pp, pm in zip(self._res_w, self._res_z, self._res_pert[+1], self._res_pert[-1]):
+            perturb_into(pp, w, z, self._eps)
+            perturb_into(pm, w, z, -self._eps)
+
+    def _catch_up(self, i: int, flats: list[torch.Tensor]) -> bool:
+        """Apply the commits block ``i`` has not seen yet; True if its values changed."""
+        unit = self.units[i]
+        todo = self._commits[self._applied[i] :]
+        self._applied[i] = len(self._commits)
+        if not todo or not unit.trainable:
+            return False
+        z = self._scratch_views("z", unit)
+        for c in todo:
+            self._draw(unit, c.step, z)
+            self._apply(unit, flats, z, c)
+        return True
+
+    def _apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
+        """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""
+        groups = [self._group_of[id(p)] for p in unit.trainable_params]
+        hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
+        if len(hyper) == 1:  # one op over each segment's trainable head
+            lr, wd = hyper.pop()
+            for seg, w, zz in zip(unit.segments, flats, z):
+                if seg.trainable_numel:
+                    sgd_update_(w[: seg.trainable_numel], zz, c.g, lr, wd)
+            return
+        for w, zz, g in zip(unit.trainable_views(flats), unit.trainable_views(z), groups):
+            sgd_update_(w, zz, c.g, c.lrs[g], c.weight_decays[g])
+
+    def _draw(self, unit: Unit, step: int, z: list[torch.Tensor]) -> None:
+        assert self._generator is not None
+        for j, zz in enumerate(unit.trainable_views(z)):
+            draw_direction(zz, derive_seed(self.seed, step, unit.index, j), self._generator)
+
+    def _scratch_views(self, name: str, unit: Unit) -> list[torch.Tensor]:
+        """Per segment, the first ``trainable_numel`` elements of the shared scratch buffer ``name``."""
+        bufs = self._scratch[name]
+        return [
+            bufs[seg.dtype][: seg.trainable_numel] if seg.trainable_numel else self._empty(seg.dtype)
+            for seg in unit.segments
+        ]
+
+    def _empty(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(0, dtype=dtype, device=self.device)
+
+    # ================================================================== state_dict
+    def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        if self.attached and self.pending:
+            self.flush()
