@@ -73,12 +73,19 @@ def mezo_reference(
     *,
     seed: int,
     eps: float,
-    lr: float,
+    lr: float | Sequence[float],
     weight_decay: float = 0.0,
     start_step: int = 0,
     micro_batches: int = 1,
+    clip: float | None = None,
+    lr_of: dict[str, float] | None = None,
 ) -> list[tuple[float, float, float]]:
     """Run MeZO in place on ``model`` (eval mode); one step per ``micro_batches`` batches.
+
+    Args:
+        lr: one learning rate, or one per step (a schedule).
+        clip: clamp g to [-clip, clip].
+        lr_of: per-parameter-name learning rates (param groups); overrides ``lr``.
 
     Returns:
         (L+, L-, g) per step, with g averaged over the micro-batches of the step.
@@ -98,8 +105,11 @@ def mezo_reference(
             lps.append(lp)
             lms.append(lm)
         g = sum(gs) / len(gs)
+        if clip is not None:
+            g = max(-clip, min(clip, g))
+        step_lr = lr[k] if isinstance(lr, Sequence) else lr
         for n in index:
-            p = params[n]
-            p.data = p - lr * (g * z[n] + weight_decay * p) if weight_decay else p - lr * (g * z[n])
+            p, r = params[n], (lr_of[n] if lr_of is not None else step_lr)
+            p.data = p - r * (g * z[n] + weight_decay * p) if weight_decay else p - r * (g * z[n])
         history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
     return history

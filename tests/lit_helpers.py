@@ -1,0 +1,68 @@
+"""A tiny LightningModule over the tiny HF models, and a quiet CPU Trainer, for the strategy tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+from tests import tiny_models
+from zo2_lightning import ZO2OffloadStrategy, ZOModule, ZOSGD
+
+SEED = 1234
+
+
+class TinyTask(ZOModule, L.LightningModule):
+    def __init__(self, arch: str = "opt", lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
+                 scheduler: Any = None, model: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model if model is not None else tiny_models.build(arch)[0]
+        self.model.train()  # as a user's model would be; the strategy turns dropout off for the ZO forwards
+        self.lr, self.eps, self.weight_decay, self.scheduler = lr, eps, weight_decay, scheduler
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = tiny_models.loss(self.model, batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", tiny_models.loss(self.model, batch))
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return tiny_models.logits(self.model, batch)
+
+    def configure_optimizers(self) -> Any:
+        opt = ZOSGD(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
+
+
+def loader(batches: list[dict]) -> DataLoader:
+    return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def trainer(force_copies: bool = True, seed: int = SEED, strategy: Any = None, **kwargs: Any) -> L.Trainer:
+    if strategy is None:
+        strategy = ZO2OffloadStrategy(seed=seed)
+        strategy._force_copies = force_copies
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return L.Trainer(strategy=strategy, **defaults)
+
+
+def clone_model(task: TinyTask) -> torch.nn.Module:
+    return copy.deepcopy(task.model)
+
+
+def assert_params_equal(model: torch.nn.Module, expected: torch.nn.Module, initial: torch.nn.Module | None = None) -> None:
+    """Bitwise equal parameters; with ``initial``, also check that training moved every trainable one."""
+    if initial is not None:
+        for (n, p), (_, q) in zip(model.named_parameters(), initial.named_parameters()):
+            assert not p.requires_grad or not torch.equal(p, q), f"{n} did not change: the test would prove nothing"
+    for (n, p), (_, q) in zip(model.named_parameters(), expected.named_parameters()):
+        assert torch.equal(p, q), f"{n}: max diff {(p - q).abs().max().item()}"
