@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from zo2_lightning.engine import RESIDENT_UNIT, derive_seed, discover_blocks
+from zo2_lightning.engine import RESIDENT_UNIT, derive_seed, direction_seed, discover_blocks
 
 
 def seed_index(model: nn.Module, trainable: set[int] | None = None) -> dict[str, tuple[int, int]]:
@@ -79,6 +79,7 @@ def mezo_reference(
     micro_batches: int = 1,
     clip: float | None = None,
     lr_of: dict[str, float] | None = None,
+    q: int = 1,
 ) -> list[tuple[float, float, float]]:
     """Run MeZO in place on ``model`` (eval mode); one step per ``micro_batches`` batches.
 
@@ -86,6 +87,8 @@ def mezo_reference(
         lr: one learning rate, or one per step (a schedule).
         clip: clamp g to [-clip, clip].
         lr_of: per-parameter-name learning rates (param groups); overrides ``lr``.
+        q: directions per step (q-SPSA); direction k uses run seed ``direction_seed(seed, k)`` and the step
+            applies ``-lr * (g_k / q) * z_k`` for k = 0..q-1 in turn.
 
     Returns:
         (L+, L-, g) per step, with g averaged over the micro-batches of the step.
@@ -96,20 +99,24 @@ def mezo_reference(
     history = []
     for k in range(len(batches) // micro_batches):
         step = start_step + k
-        z = directions(model, seed, step, index)
-        gs, lps, lms = [], [], []
-        for batch in batches[k * micro_batches : (k + 1) * micro_batches]:
-            lp = perturbed_loss(model, batch, loss_fn, z, eps).item()
-            lm = perturbed_loss(model, batch, loss_fn, z, -eps).item()
-            gs.append((lp - lm) / (2 * eps))
-            lps.append(lp)
-            lms.append(lm)
-        g = sum(gs) / len(gs)
-        if clip is not None:
-            g = max(-clip, min(clip, g))
         step_lr = lr[k] if isinstance(lr, Sequence) else lr
-        for n in index:
-            p, r = params[n], (lr_of[n] if lr_of is not None else step_lr)
-            p.data = p - r * (g * z[n] + weight_decay * p) if weight_decay else p - r * (g * z[n])
-        history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
+        updates = []
+        for d in range(q):
+            z = directions(model, direction_seed(seed, d), step, index)
+            gs, lps, lms = [], [], []
+            for batch in batches[k * micro_batches : (k + 1) * micro_batches]:
+                lp = perturbed_loss(model, batch, loss_fn, z, eps).item()
+                lm = perturbed_loss(model, batch, loss_fn, z, -eps).item()
+                gs.append((lp - lm) / (2 * eps))
+                lps.append(lp)
+                lms.append(lm)
+            g = sum(gs) / len(gs)
+            if clip is not None:
+                g = max(-clip, min(clip, g))
+            updates.append((g / q if q > 1 else g, z))
+            history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
+        for g, z in updates:
+            for n in index:
+                p, r = params[n], (lr_of[n] if lr_of is not None else step_lr)
+                p.data = p - r * (g * z[n] + weight_decay * p) if weight_decay else p - r * (g * z[n])
     return history

@@ -161,3 +161,34 @@ def test_non_finite_loss_skips_the_update_and_warns():
     reference.mezo_reference(expected, batches[:1], tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3)
     reference.mezo_reference(expected, batches[2:], tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3, start_step=2)
     assert_params_equal(task.model, expected)
+
+
+def test_q_directions_average_q_two_point_estimates():
+    batches = tiny_models.batches("llama", 2)
+
+    class Q3(TinyTask):
+        def configure_optimizers(self):
+            from zo2_lightning import ZOSGD
+
+            return ZOSGD(self.parameters(), lr=5e-3, eps=EPS, q=3)
+
+    task = Q3("llama")
+    expected, initial = clone_model(task), clone_model(task)
+    trainer(max_steps=2).fit(task, loader(batches))
+    history = reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3, q=3)
+    assert len({round(g, 6) for _, _, g in history}) == len(history)  # three different directions per step
+    assert_params_equal(task.model, expected, initial)
+
+
+def test_consecutive_non_finite_steps_stop_the_fit_with_the_likely_causes():
+    class AlwaysNan(TinyTask):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * float("inf")
+
+    task = AlwaysNan("opt")
+    before = clone_model(task)
+    strategy = __import__("zo2_lightning").ZO2OffloadStrategy(seed=SEED, max_consecutive_skips=3)
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(FloatingPointError, match="lr too large"):
+        trainer(strategy=strategy, max_steps=10).fit(task, loader(tiny_models.batches("opt", 10)))
+    assert strategy.skipped_steps == 3
+    assert_params_equal(task.model, before)

@@ -28,15 +28,20 @@ class ZOSGD(torch.optim.Optimizer):
         lr: learning rate (MeZO uses 1e-7 .. 1e-6 for OPT-13B full fine-tuning).
         eps: perturbation scale of the two-point estimate; must be the same in every param group.
         weight_decay: decoupled L2 coefficient as in MeZO.
+        q: directions per step (q-SPSA): the update averages q two-point estimates, each along its own z,
+            for 2q forwards per step. q=1 is MeZO.
 
     Raises:
-        ValueError: on ``lr < 0``, ``eps <= 0`` or ``weight_decay < 0``.
+        ValueError: on ``lr < 0``, ``eps <= 0``, ``weight_decay < 0`` or ``q < 1``.
     """
 
     def __init__(
-        self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0
+        self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1
     ) -> None:
         _check_hparams(lr, eps, weight_decay)
+        if int(q) != q or q < 1:
+            raise ValueError(f"ZOSGD q (directions per step) must be an integer >= 1, got {q}")
+        self.q = int(q)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         eps_values = {group["eps"] for group in self.param_groups}
         if len(eps_values) > 1:

@@ -6,7 +6,7 @@
 from zo2_lightning.engine.blocks import NoBlocksError, discover_blocks
 from zo2_lightning.engine.lockstep import LockstepDivergenceError, LockstepPair
 from zo2_lightning.engine.perturb import perturb_into, projected_grad, sgd_update_
-from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
+from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, direction_seed, draw_direction
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
 from zo2_lightning.engine.zo import Commit, ZOEngine
@@ -21,6 +21,7 @@ __all__ = [
     "Unit",
     "ZOEngine",
     "derive_seed",
+    "direction_seed",
     "discover_blocks",
     "draw_direction",
     "perturb_into",

@@ -43,6 +43,16 @@ def derive_seed(run_seed: int, step: int, unit: int, tensor: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def direction_seed(run_seed: int, direction: int) -> int:
+    """The run seed of the ``direction``-th independent direction of a step (q-SPSA, one per rank).
+
+    Direction 0 is the run seed itself, so a single direction is plain MeZO.
+    """
+    if direction == 0:
+        return run_seed
+    return derive_seed(run_seed, -1, direction, -1)
+
+
 def draw_direction(out: torch.Tensor, seed: int, generator: torch.Generator) -> torch.Tensor:
     """Fill ``out`` with standard normal samples from ``seed``; the same values as
     ``torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), dtype=out.dtype)``."""

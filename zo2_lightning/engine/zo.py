@@ -38,6 +38,7 @@ class Commit:
     g: float
     lrs: tuple[float, ...]  # per optimizer param group
     weight_decays: tuple[float, ...]
+    seed: int  # the run seed z was drawn with (see seeds.direction_seed)
 
 
 @dataclass
@@ -90,7 +91,8 @@ class ZOEngine:
         self.resident: Unit | None = None
         self._res_w: list[torch.Tensor] = []
         self._res_z: list[torch.Tensor] = []
-        self._res_z_step: int | None = None
+        self._res_z_key: tuple[int, int] | None = None  # (step, seed) of the z held in _res_z
+        self._pair_seed = self.seed
         self._res_pert: dict[int, list[torch.Tensor]] = {}
         self._scratch: dict[str, dict[torch.dtype, torch.Tensor]] = {}
         self._group_of: dict[int, int] = {}  # id(param) -> optimizer param group
@@ -193,14 +195,16 @@ class ZOEngine:
         self._res_pert = {s: [torch.empty_like(w) for w in self._res_w] for s in (+1, -1)}
 
     # ================================================================== the step
-    def run_pair(self, fn: Callable[[int], Any], step: int, eps: float) -> tuple[Any, Any]:
+    def run_pair(self, fn: Callable[[int], Any], step: int, eps: float, seed: int | None = None) -> tuple[Any, Any]:
         """Run ``fn(sign)`` for sign = +1 and -1 in lockstep on theta + sign * eps * z(step).
 
         ``fn`` must run the model forward (all blocks through their modules) and return its result; the
-        caller decides what the result is (usually the scalar loss).
+        caller decides what the result is (usually the scalar loss). ``seed`` overrides the run seed for this
+        direction (q-SPSA, per-rank directions); ``None`` uses the engine's.
         """
         self._release_all()
         self._step, self._eps = int(step), float(eps)
+        self._pair_seed = self.seed if seed is None else int(seed)
         self._prepare_resident()
         self._pair = LockstepPair(self._activate, self._transition)
         try:
@@ -212,16 +216,20 @@ class ZOEngine:
             assert self.resident is not None
             self.resident.bind(self._res_w)
 
-    def commit(self, step: int, g: float, lrs: Sequence[float], weight_decays: Sequence[float]) -> None:
-        """Record the update of ``step``: resident parameters now, blocks when they next arrive."""
-        c = Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)))
+    def commit(
+        self, step: int, g: float, lrs: Sequence[float], weight_decays: Sequence[float], seed: int | None = None
+    ) -> None:
+        """Record the update of ``step`` along the direction of ``seed`` (default: the engine's run seed):
+        resident parameters now, blocks when they next arrive."""
+        seed = self.seed if seed is None else int(seed)
+        c = Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)), seed)
         self._commits.append(c)
         assert self.resident is not None
         if self.resident.trainable:
-            if self._res_z_step != c.step:
-                self._draw(self.resident, c.step, self._res_z)
+            if self._res_z_key != (c.step, c.seed):
+                self._draw(self.resident, c.step, self._res_z, c.seed)
             self._apply(self.resident, self._res_w, self._res_z, c)
-            self._res_z_step = None  # consumed as scratch by the update
+            self._res_z_key = None  # consumed as scratch by the update
 
     def flush(self) -> None:
         """Apply every pending update and make the host copies current. Idempotent."""
@@ -281,7 +289,7 @@ class ZOEngine:
         unit = self.units[i]
         if unit.trainable:
             z = self._scratch_views("z", unit)
-            self._draw(unit, self._step, z)
+            self._draw(unit, self._step, z, self._pair_seed)
             for seg, w, zz, pp, pm in zip(
                 unit.segments, flats, z, self._scratch_views("plus", unit), self._scratch_views("minus", unit)
             ):
@@ -313,8 +321,8 @@ class ZOEngine:
         assert self.resident is not None
         if not self.resident.trainable:
             return
-        self._draw(self.resident, self._step, self._res_z)
-        self._res_z_step = self._step
+        self._draw(self.resident, self._step, self._res_z, self._pair_seed)
+        self._res_z_key = (self._step, self._pair_seed)
         for w, z, pp, pm in zip(self._res_w, self._res_z, self._res_pert[+1], self._res_pert[-1]):
             perturb_into(pp, w, z, self._eps)
             perturb_into(pm, w, z, -self._eps)
@@ -328,7 +336,7 @@ class ZOEngine:
             return False
         z = self._scratch_views("z", unit)
         for c in todo:
-            self._draw(unit, c.step, z)
+            self._draw(unit, c.step, z, c.seed)
             self._apply(unit, flats, z, c)
         return True
 
@@ -345,10 +353,10 @@ class ZOEngine:
         for w, zz, g in zip(unit.trainable_views(flats), unit.trainable_views(z), groups):
             sgd_update_(w, zz, c.g, c.lrs[g], c.weight_decays[g])
 
-    def _draw(self, unit: Unit, step: int, z: list[torch.Tensor]) -> None:
+    def _draw(self, unit: Unit, step: int, z: list[torch.Tensor], seed: int) -> None:
         assert self._generator is not None
         for j, zz in enumerate(unit.trainable_views(z)):
-            draw_direction(zz, derive_seed(self.seed, step, unit.index, j), self._generator)
+            draw_direction(zz, derive_seed(seed, step, unit.index, j), self._generator)
 
     def _scratch_views(self, name: str, unit: Unit) -> list[torch.Tensor]:
         """Per segment, the first ``trainable_numel`` elements of the shared scratch buffer ``name``."""

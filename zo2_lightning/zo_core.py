@@ -1,0 +1,342 @@
+"""The ZO half of every zo2 strategy: the paired training step, the commit, flushes, checkpoints, refusals.
+
+``class ZO2OffloadStrategy(ZOStrategyCore, SingleDeviceStrategy)``; a distributed variant mixes the same
+core into Lightning's DDP strategy and overrides :meth:`ZOStrategyCore._reduce_losses`.
+
+Lightning glue only: the streaming, perturbation and update live in :mod:`zo2_lightning.engine`. The core
+overrides ``training_step`` (the +eps/-eps runs in lockstep), ``backward`` (nothing to do) and drives the
+update from ``ZOSGD.step`` (the projected gradient and the commit), flushes before anything reads the
+weights, and refuses the configurations that would silently do the wrong thing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor
+from typing_extensions import override
+
+from zo2_lightning.engine import ZOEngine, direction_seed, projected_grad
+from zo2_lightning.engine.perturb import all_finite
+from zo2_lightning.module import ZOModule
+from zo2_lightning.optim import ZOSGD
+
+_CKPT_KEY = "zo2_lightning"
+_CKPT_FORMAT = 1
+
+
+class ZOStrategyCore:
+    """Mixin with the ZO behaviour shared by the zo2 strategies (must precede the Lightning base class).
+
+    The concrete strategy sets the ``offload_device``, ``pin_memory``, ``prefetch``, ``resident_blocks`` and
+    ``seed`` attributes (see :meth:`_init_zo`) and calls :meth:`_attach_engine` / :meth:`_detach_engine` from
+    its ``setup`` / ``teardown``.
+    """
+
+    engine: ZOEngine | None
+
+    def _init_zo(
+        self,
+        offload_device: str | None,
+        pin_memory: bool | None,
+        prefetch: int,
+        resident_blocks: int,
+        seed: int | None,
+        max_consecutive_skips: int = 0,
+    ) -> None:
+        if offload_device not in ("cpu", None):
+            raise ValueError(
+                f"offload_device={offload_device!r} is not supported: use 'cpu' (stream blocks from host memory)"
+                " or None (keep the whole model on the working device)"
+            )
+        if int(prefetch) < 0 or int(resident_blocks) < 0:
+            raise ValueError(f"prefetch ({prefetch}) and resident_blocks ({resident_blocks}) must be >= 0")
+        self.offload_device = offload_device
+        self.pin_memory = pin_memory
+        self.prefetch = int(prefetch)
+        self.resident_blocks = int(resident_blocks)
+        self.seed = seed
+        self.engine = None
+        self._force_copies = False  # tests: exercise the transfer path on CPU
+        self._resumed_state: dict[str, Any] | None = None
+        self._measured: list[dict[int, tuple[float, float]]] = []  # per micro-batch: direction seed -> (L+, L-)
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.max_consecutive_skips = int(max_consecutive_skips)
+
+    def _attach_engine(self, trainer: Trainer) -> None:
+        """Build the engine over the LightningModule and attach it (after the optimizers exist)."""
+        module = self.lightning_module
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        optimizer = self._zo_optimizer() if fitting else None
+        self.engine = ZOEngine(
+            module,
+            module.zo_blocks(),
+            self.root_device,
+            seed=self._run_seed(),
+            offload=self.offload_device is not None,
+            pin_memory=self.pin_memory,
+            prefetch=self.prefetch,
+            resident_blocks=self.resident_blocks,
+            force_copies=self._force_copies,
+        )
+        groups = [group["params"] for group in optimizer.param_groups] if optimizer is not None else []
+        self.engine.attach(groups)
+        if optimizer is not None:
+            optimizer._zo_step = self._zo_step
+        self._measured = []
+
+    def _detach_engine(self) -> None:
+        """Flush and give the module back: hooks off, parameters on their original devices."""
+        if self.engine is not None:
+            self.engine.detach()
+            self.engine = None
+        for opt in self.optimizers:
+            if isinstance(opt, ZOSGD):
+                opt._zo_step = None
+
+    # ================================================================== the ZO step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        module, engine = self.lightning_module, self.engine
+        assert module is not None and engine is not None
+        optimizer = self._zo_optimizer()
+        step = self.lightning_module.trainer.global_step
+
+        def run(sign: int) -> Any:
+            return module.training_step(*args, **kwargs)
+
+        measured: dict[int, tuple[float, float]] = {}
+        first_out = None
+        with self._zo_forward_mode(module), self.precision_plugin.train_step_context(), torch.no_grad():
+            for seed in self._direction_seeds(optimizer.q):
+                out_plus, out_minus = engine.run_pair(run, step=step, eps=optimizer.eps, seed=seed)
+                loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
+                measured[seed] = (loss_plus.item(), loss_minus.item())  # sync point: g needs both on host
+                first_out = out_plus if first_out is None else first_out
+        self._measured.append(measured)
+        return first_out
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        return closure_loss  # zeroth order: no backward pass, no gradients
+
+    def _direction_seeds(self, q: int) -> list[int]:
+        """The run seeds of this process's directions at each step (q-SPSA: q of them)."""
+        assert self.engine is not None
+        return [direction_seed(self.engine.seed, k) for k in range(q)]
+
+    def _reduce_losses(self, measured: dict[int, list[tuple[float, float]]]) -> dict[int, list[tuple[float, float]]]:
+        """``{direction seed: [(L+, L-) per micro-batch]}`` as every rank must see it; one process: as measured."""
+        return measured
+
+    def _zo_step(self, closure: Callable[[], Any]) -> Any:
+        """ZOSGD.step: run the closure (the paired training step of the last micro-batch), then commit.
+
+        With k micro-batches (accumulate_grad_batches) and q directions, direction d gets
+        ``g_d = mean over micro-batches of (L+ - L-) / (2 eps)`` and the update ``-lr * (g_d / q) * z_d`` for each d.
+        """
+        result = closure()
+        micro, self._measured = self._measured, []
+        if not micro:
+            raise RuntimeError("the zo2_offload closure ran no training_step")
+        per_direction = self._reduce_losses({seed: [m[seed] for m in micro] for seed in micro[0]})
+        optimizer = self._zo_optimizer()
+        trainer = self.lightning_module.trainer
+        eps = optimizer.eps
+        lrs, wds = optimizer.hyperparameters()
+        values = [v for pairs in per_direction.values() for pair in pairs for v in pair]
+        grads = {seed: sum(projected_grad(p, m, eps) for p, m in pairs) / len(pairs)
+                 for seed, pairs in per_direction.items()}
+        q = len(grads)
+        if all_finite(*values):
+            self.consecutive_skips = 0
+            clip = trainer.gradient_clip_val
+            for seed, g in grads.items():
+                if clip:
+                    g = max(-float(clip), min(float(clip), g))
+                self.engine.commit(trainer.global_step, g / q if q > 1 else g, lrs, wds, seed=seed)
+        else:
+            self._skip_non_finite(trainer.global_step, values)
+        all_pairs = [pair for pairs in per_direction.values() for pair in pairs]
+        module = self.lightning_module
+        for name, value in (
+            ("zo/loss_plus", sum(p for p, _ in all_pairs) / len(all_pairs)),
+            ("zo/loss_minus", sum(m for _, m in all_pairs) / len(all_pairs)),
+            ("zo/projected_grad", sum(grads.values()) / q),
+            ("zo/lr", lrs[0]),
+            ("zo/skipped_steps", float(self.skipped_steps)),
+        ):
+            module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        return result
+
+    def _skip_non_finite(self, step: int, values: list[float]) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"zo2_offload: {self.consecutive_skips} consecutive steps with a non-finite L+ or L- (last at step"
+                f" {step}); the parameters are untouched since the last finite step. Likely causes: lr too large"
+                " (the weights diverged), eps too large or too small for the precision (try eps=1e-3), or fp16"
+                " overflow (use precision='bf16-mixed'). Raise `max_consecutive_skips` to tolerate more."
+            )
+        rank_zero_warn(
+            f"zo2_offload: non-finite loss at step {step} (losses {values}); the update is skipped and the"
+            " parameters are untouched."
+        )
+
+    @contextmanager
+    def _zo_forward_mode(self, module: LightningModule) -> Iterator[None]:
+        """Dropout off (both runs must see the same function, as in MeZO); logging from the +eps run only."""
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()
+        engine = self.engine
+        log = module.log
+
+        def log_plus_only(*args: Any, **kwargs: Any) -> None:
+            if engine is None or engine.sign != -1:
+                log(*args, **kwargs)
+
+        module.log = log_plus_only  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del module.log
+            for m, training in modes:
+                m.training = training
+
+    # ================================================================== flush before reads
+    def _flush(self) -> None:
+        if self.engine is not None:
+            self.engine.flush()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._flush()
+
+    @override
+    def on_test_start(self) -> None:
+        self._flush()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._flush()
+
+    @override
+    def on_validation_end(self) -> None:
+        if self.engine is not None:
+            self.engine.release_blocks()
+
+    @override
+    def on_test_end(self) -> None:
+        if self.engine is not None:
+            self.engine.release_blocks()
+
+    @override
+    def on_predict_end(self) -> None:
+        if self.engine is not None:
+            self.engine.release_blocks()
+
+    @override
+    def on_train_end(self) -> None:
+        self._flush()
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._flush()
+        return super().lightning_module_state_dict()
+
+    # ================================================================== checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
+        checkpoint[_CKPT_KEY] = {
+            "format": _CKPT_FORMAT,
+            "seed": self.engine.seed if self.engine is not None else self._run_seed(),
+            "skipped_steps": self.skipped_steps,
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._resumed_state = checkpoint.get(_CKPT_KEY)
+        if self._resumed_state is not None:
+            self.skipped_steps = int(self._resumed_state.get("skipped_steps", 0))
+        return checkpoint
+
+    def _run_seed(self) -> int:
+        if self._resumed_state is not None:
+            resumed = int(self._resumed_state["seed"])
+            if self.seed is not None and int(self.seed) != resumed:
+                rank_zero_warn(f"zo2_offload: resuming with the checkpoint's seed {resumed}, not seed={self.seed}")
+            return resumed
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # ================================================================== refusals
+    def _zo_optimizer(self) -> ZOSGD:
+        opts = self.optimizers
+        if len(opts) != 1 or not isinstance(opts[0], ZOSGD):
+            got = ", ".join(type(o).__name__ for o in opts) or "none"
+            raise TypeError(
+                f"zo2_offload needs exactly one ZOSGD optimizer from configure_optimizers, got: {got}. Return"
+                " `zo2_lightning.ZOSGD(self.parameters(), lr=1e-6, eps=1e-3)` (optionally with an LR scheduler)."
+            )
+        return opts[0]
+
+    def _check_configuration(self, trainer: Trainer, module: LightningModule) -> None:
+        if not isinstance(module, ZOModule):
+            raise TypeError(
+                f"{type(module).__name__} is not a ZOModule: zo2_offload needs to know the model's blocks. Declare"
+                f" it as `class {type(module).__name__}(ZOModule, L.LightningModule)` (from zo2_lightning import"
+                " ZOModule)."
+            )
+        if trainer.state.fn == TrainerFn.FITTING and not module.automatic_optimization:
+            raise ValueError(
+                "zo2_offload drives the ZO step through automatic optimization; manual optimization is not"
+                " supported. Remove `self.automatic_optimization = False` and return the loss from training_step."
+            )
+        plugin = self.precision_plugin
+        supported = (
+            type(plugin) is Precision
+            or isinstance(plugin, DoublePrecision)
+            or (isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed")
+        )
+        if not supported:
+            name = getattr(plugin, "precision", type(plugin).__name__)
+            hint = {
+                "16-mixed": "fp16 AMP needs a GradScaler for gradients that ZO never computes",
+                "bf16-true": "bf16 master weights would round away MeZO-size updates (~1e-6)",
+                "16-true": "fp16 master weights would round away MeZO-size updates (~1e-6)",
+            }.get(str(name), "it is not supported by the ZO step")
+            raise ValueError(
+                f"zo2_offload does not support precision={name!r}: {hint}. Use `Trainer(precision='bf16-mixed')`"
+                " (bf16 compute, fp32 masters) or `precision='32-true'`."
+            )
+
+def _scalar_loss(output: Any) -> Tensor:
+    """The loss of a training_step output, or an error naming the fix."""
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if loss is None:
+        raise ValueError(
+            "training_step returned None (or a dict without 'loss'): zo2_offload needs the scalar loss at every"
+            " step to form (L+ - L-) / (2 eps). Return the loss tensor, e.g. `return self.model(**batch).loss`."
+        )
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"training_step must return a scalar loss for zo2_offload, got {shape}. Reduce it first, e.g."
+            " `return loss.mean()`."
+        )
+    return loss.detach().float().reshape(())
