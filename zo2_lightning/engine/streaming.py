@@ -48,6 +48,10 @@ class BlockStreamer:
         resident: the first ``resident`` blocks are uploaded once and stay on the working device.
         force_copies: copy between separate host and working buffers even when both are on the CPU (tests use
             it to exercise the transfer path without a GPU).
+        storage_dtype: dtype of the host copies (e.g. ``torch.bfloat16``: half the bytes moved and stored);
+            blocks are widened to their working dtype on upload and cast back on write-back, so the caller
+            must keep the working values representable (the engine rounds them stochastically after updates).
+            Implies separate working buffers.
     """
 
     def __init__(
@@ -60,11 +64,16 @@ class BlockStreamer:
         prefetch: int = 1,
         resident: int = 0,
         force_copies: bool = False,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         self.units = list(units)
         self.device = device
         self.host_device = torch.device("cpu") if offload else device
-        self.copies = (offload and device.type != "cpu") or force_copies
+        self.storage_dtype = storage_dtype
+        narrows = storage_dtype is not None and any(
+            seg.dtype != storage_dtype for u in self.units for seg in u.segments
+        )
+        self.copies = (offload and device.type != "cpu") or force_copies or narrows
         self.pin = bool(pin_memory and offload and device.type == "cuda")
         self.prefetch_depth = max(0, int(prefetch))
         self.resident = set(range(min(max(0, int(resident)), len(self.units)))) if self.copies else set()
@@ -84,7 +93,7 @@ class BlockStreamer:
     def offload(self) -> None:
         """Move every block's parameters into its flat host buffers and point the parameters there."""
         for unit in self.units:
-            flats = unit.pack(self.host_device, pin=self.pin)
+            flats = unit.pack(self.host_device, pin=self.pin, dtype=self.storage_dtype)
             unit.bind(flats)  # the old per-parameter storage is freed here
             self.host.append(flats)
         if not self.copies:
@@ -104,12 +113,12 @@ class BlockStreamer:
         return _DeviceSlot({dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items()})
 
     def restore(self) -> None:
-        """Give every parameter its own storage again, on the working host device, holding the host values."""
+        """Give every parameter its own storage again, on the host device, in its own dtype, holding the host values."""
         self.sync_host()
         for unit, flats in zip(self.units, self.host):
             for seg, flat in zip(unit.segments, flats):
                 for slot in seg.slots:
-                    slot.param.data = slot.view(flat).clone()
+                    slot.param.data = slot.view(flat).to(seg.dtype, copy=True)
         self.host.clear()
         self._slots.clear()
         self._resident_slots.clear()
@@ -206,7 +215,7 @@ class BlockStreamer:
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(up)
                 slot.free = torch.cuda.Event()
-        self.bytes_uploaded += self.units[i].nbytes
+        self.bytes_uploaded += sum(h.numel() * h.element_size() for h in self.host[i])
         return slot
 
     def _write_back(self, i: int, slot: _DeviceSlot) -> None:
@@ -226,4 +235,4 @@ class BlockStreamer:
                 done.record(off)
             slot.free = done  # the slot may be refilled only after the copy out
             self._streams.host_ready[i] = done  # a re-upload of block i must wait for it
-        self.bytes_offloaded += self.units[i].nbytes
+        self.bytes_offloaded += sum(h.numel() * h.element_size() for h in self.host[i])

@@ -103,11 +103,11 @@ class Unit:
     def nbytes(self) -> int:
         return sum(seg.numel * seg.dtype.itemsize for seg in self.segments)
 
-    def pack(self, device: torch.device, pin: bool = False) -> list[torch.Tensor]:
-        """Copy the parameters' current values into new flat buffers on ``device``."""
+    def pack(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """Copy the parameters' current values into new flat buffers on ``device`` (cast to ``dtype`` if given)."""
         flats = []
         for seg in self.segments:
-            flat = torch.empty(seg.numel, dtype=seg.dtype, device=device, pin_memory=pin)
+            flat = torch.empty(seg.numel, dtype=dtype or seg.dtype, device=device, pin_memory=pin)
             for slot in seg.slots:
                 slot.view(flat).copy_(slot.param.data)
             flats.append(flat)

@@ -25,9 +25,13 @@ from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.lockstep import LockstepPair
 from zo2_lightning.engine.perturb import perturb_into, sgd_update_
+from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
 from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
+
+
+_ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ class ZOEngine:
         prefetch: blocks uploaded ahead of the one computing.
         resident_blocks: the first N blocks stay on ``device`` for the whole run.
         force_copies: exercise the host<->device copy path even on CPU (tests).
+        storage_dtype: dtype of the blocks' host copies (``torch.bfloat16`` / ``torch.float16`` halve the bytes
+            moved and stored); compute stays in the parameters' dtype.
+        stochastic_rounding: narrow updated blocks to ``storage_dtype`` with seeded stochastic rounding (True)
+            or round-to-nearest (False: loses MeZO-size updates; for comparison only).
     """
 
     def __init__(
@@ -74,6 +82,8 @@ class ZOEngine:
         prefetch: int = 1,
         resident_blocks: int = 0,
         force_copies: bool = False,
+        storage_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = True,
     ) -> None:
         self.model = model
         self.blocks = list(blocks)
@@ -85,7 +95,9 @@ class ZOEngine:
             prefetch=prefetch,
             resident=resident_blocks,
             force_copies=force_copies,
+            storage_dtype=storage_dtype,
         )
+        self._round = stochastic_round if stochastic_rounding else round_to_nearest
         self.streamer: BlockStreamer | None = None
         self.units: list[Unit] = []
         self.resident: Unit | None = None
@@ -338,7 +350,22 @@ class ZOEngine:
         for c in todo:
             self._draw(unit, c.step, z, c.seed)
             self._apply(unit, flats, z, c)
+        self._round_to_storage(i, flats, todo[-1])
         return True
+
+    def _round_to_storage(self, i: int, flats: list[torch.Tensor], c: Commit) -> None:
+        """With 16-bit storage, make the updated working values representable in it right away, so the
+        forwards see what the host will hold and the write-back is an exact cast. The rounding noise is seeded
+        by the newest commit applied: a resumed or early-flushed run stores the same bits."""
+        dtype = self.streamer.storage_dtype
+        if dtype is None:
+            return
+        assert self._generator is not None
+        for k, (seg, w) in enumerate(zip(self.units[i].segments, flats)):
+            n = seg.trainable_numel
+            if n and seg.dtype != dtype:
+                self._generator.manual_seed(derive_seed(c.seed, c.step, i, _ROUNDING_TAG + k))
+                w[:n].copy_(self._round(w[:n], dtype, self._generator))
 
     def _apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
         """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""
