@@ -113,17 +113,17 @@ class ZOStrategyCore:
         optimizer = self._zo_optimizer()
         step = self.lightning_module.trainer.global_step
 
-        def run(sign: int) -> Any:
+        def run(key: Any) -> Any:
             return module.training_step(*args, **kwargs)
 
-        measured: dict[int, tuple[float, float]] = {}
-        first_out = None
+        seeds = self._direction_seeds(optimizer.q)
         with self._zo_forward_mode(module), self.precision_plugin.train_step_context(), torch.no_grad():
-            for seed in self._direction_seeds(optimizer.q):
-                out_plus, out_minus = engine.run_pair(run, step=step, eps=optimizer.eps, seed=seed)
-                loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
-                measured[seed] = (loss_plus.item(), loss_minus.item())  # sync point: g needs both on host
-                first_out = out_plus if first_out is None else first_out
+            outs = engine.run_directions(run, step=step, eps=optimizer.eps, seeds=seeds)
+        measured: dict[int, tuple[float, float]] = {}
+        for seed, (out_plus, out_minus) in zip(seeds, outs):
+            loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
+            measured[seed] = (loss_plus.item(), loss_minus.item())  # sync point: g needs both on host
+        first_out = outs[0][0]
         self._measured.append(measured)
         return first_out
 
@@ -204,7 +204,7 @@ class ZOStrategyCore:
         log = module.log
 
         def log_plus_only(*args: Any, **kwargs: Any) -> None:
-            if engine is None or engine.sign != -1:
+            if engine is None or engine.direction in (None, 0) and engine.sign != -1:
                 log(*args, **kwargs)
 
         module.log = log_plus_only  # type: ignore[method-assign]

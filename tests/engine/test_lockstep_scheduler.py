@@ -30,7 +30,8 @@ def test_each_run_keeps_its_own_autocast_and_grad_state():
     engine = _engine(model)
     seen = {}
 
-    def fn(sign):
+    def fn(key):
+        sign = key[1]
         x = torch.randn(4, 8)
         if sign > 0:  # only the + run enters autocast, and the context spans block boundaries
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -54,7 +55,8 @@ def test_both_runs_see_the_same_random_numbers_and_the_rng_moves_on_once():
     draws = {}
     torch.manual_seed(5)
 
-    def fn(sign):
+    def fn(key):
+        sign = key[1]
         a = torch.rand(3)
         model(torch.ones(2, 8))
         draws[sign] = (a, torch.rand(3))
@@ -74,7 +76,8 @@ def test_sign_dependent_control_flow_is_reported():
     model = Stack()
     engine = _engine(model)
 
-    def fn(sign):
+    def fn(key):
+        sign = key[1]
         x = torch.ones(2, 8)
         layers = model.layers if sign > 0 else list(model.layers)[::-1]
         for layer in layers:
@@ -91,7 +94,8 @@ def test_a_failing_run_leaves_no_perturbation_behind():
     before = {n: p.clone() for n, p in model.named_parameters()}
     engine = _engine(model)
 
-    def fn(sign):
+    def fn(key):
+        sign = key[1]
         model(torch.ones(2, 8))
         if sign < 0:
             raise KeyError("bad batch")

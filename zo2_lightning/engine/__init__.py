@@ -4,7 +4,7 @@
 """
 
 from zo2_lightning.engine.blocks import NoBlocksError, discover_blocks
-from zo2_lightning.engine.lockstep import LockstepDivergenceError, LockstepPair
+from zo2_lightning.engine.lockstep import Lockstep, LockstepDivergenceError
 from zo2_lightning.engine.perturb import perturb_into, projected_grad, sgd_update_
 from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, direction_seed, draw_direction
 from zo2_lightning.engine.streaming import BlockStreamer
@@ -16,7 +16,7 @@ __all__ = [
     "BlockStreamer",
     "Commit",
     "LockstepDivergenceError",
-    "LockstepPair",
+    "Lockstep",
     "NoBlocksError",
     "Unit",
     "ZOEngine",

@@ -1,23 +1,24 @@
-"""Two forwards in lockstep: the +eps and -eps runs take turns at every block boundary.
+"""Perturbed forwards in lockstep: the +eps and -eps runs (of each direction) take turns at every block.
 
-``outs = LockstepPair(activate, transition).run(fn)`` with ``barrier(block)`` called from each block's
-forward pre-hook.
+``results = Lockstep(activate, transition).run(fn, keys=[(0, +1), (0, -1)])`` with ``barrier(block)``
+called from each block's forward pre-hook.
 
-Each run is a greenlet; a block's pre-hook calls :meth:`LockstepPair.barrier`, which parks the caller until
-the other run reaches the same block call. The second arrival calls ``transition(block)`` (upload, deferred
-update, perturbed copies) exactly once, and each run is given ``activate(sign)`` whenever it regains control
-so the parameters it is about to read hold its own sign. The user's code is never edited.
+Each run is a greenlet; a block's pre-hook calls :meth:`Lockstep.barrier`, which parks the caller until every
+other run reaches the same block call. The last arrival calls ``transition(block)`` (upload, deferred
+update, perturbed copies) exactly once, and each run is given ``activate(key)`` whenever it regains control
+so the parameters it is about to read hold its own perturbation. Two runs (one direction) is MeZO; 2q runs
+let q directions share one residency of each block. The user's code is never edited.
 
 Greenlets share one OS thread, so torch's thread-local state (grad mode, autocast) would leak from one run
 into the other if the user's ``training_step`` enters a context that spans blocks; the scheduler saves and
 restores that state at every switch, so each run behaves as if it had a thread of its own. The global RNG
 state is treated the same way: both runs start from the same state and see the same random numbers (the
-two-point estimate needs identical randomness), and afterwards the generator continues from the +eps run.
+two-point estimate needs identical randomness), and afterwards the generator continues from the first run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 class LockstepDivergenceError(RuntimeError):
-    """The two runs called different blocks at the same point: their control flow depends on the sign."""
+    """Two runs called different blocks at the same point: their control flow depends on the parameters."""
 
 
 def _capture_state() -> tuple:
@@ -55,7 +56,7 @@ def _restore_state(state: tuple) -> None:
 
 @dataclass
 class _Run:
-    sign: int
+    key: Hashable  # (direction, sign) for the engine
     calls: list[int] = field(default_factory=list)  # block index of each barrier this run has reached
     done: bool = False
     result: Any = None
@@ -64,39 +65,39 @@ class _Run:
     glet: greenlet.greenlet | None = None
 
 
-class LockstepPair:
-    """Scheduler of the two perturbed runs of one ZO step.
+class Lockstep:
+    """Scheduler of the perturbed runs of one ZO step.
 
     Args:
-        activate: ``activate(sign)`` is called each time a run (re)gains control, before it reads a parameter.
-        transition: ``transition(block)`` is called once per barrier, when both runs have reached the block
-            (or the other run has finished), before either of them executes it.
+        activate: ``activate(key)`` is called each time a run (re)gains control, before it reads a parameter.
+        transition: ``transition(block)`` is called once per barrier, when every run has reached the block
+            (or finished), before any of them executes it.
     """
 
-    def __init__(self, activate: Callable[[int], None], transition: Callable[[int], None]) -> None:
+    def __init__(self, activate: Callable[[Hashable], None], transition: Callable[[int], None]) -> None:
         self._activate = activate
         self._transition = transition
-        self._runs: dict[int, _Run] = {}
+        self._runs: dict[Hashable, _Run] = {}
         self._current: _Run | None = None
         self._transitions = 0
         self._main: greenlet.greenlet | None = None
 
     @property
     def active(self) -> bool:
-        """True while called from inside one of the two runs."""
+        """True while called from inside one of the runs."""
         return self._current is not None
 
     @property
-    def sign(self) -> int | None:
-        """The sign of the run executing now, or None outside the runs."""
-        return self._current.sign if self._current is not None else None
+    def key(self) -> Hashable | None:
+        """The key of the run executing now, or None outside the runs."""
+        return self._current.key if self._current is not None else None
 
-    def run(self, fn: Callable[[int], Any]) -> tuple[Any, Any]:
-        """Run ``fn(+1)`` and ``fn(-1)`` in lockstep; return their results in that order."""
+    def run(self, fn: Callable[[Hashable], Any], keys: Sequence[Hashable]) -> dict[Hashable, Any]:
+        """Run ``fn(key)`` for every key in lockstep; return ``{key: result}``."""
         self._main = greenlet.getcurrent()
         self._transitions = 0
         start = _capture_state()
-        self._runs = {s: _Run(sign=s, state=start) for s in (+1, -1)}
+        self._runs = {k: _Run(key=k, state=start) for k in keys}
         for r in self._runs.values():
             r.glet = greenlet.greenlet(self._body(r, fn), parent=self._main)
         try:
@@ -112,35 +113,36 @@ class LockstepPair:
             for r in self._runs.values():
                 if r.glet is not None and not r.glet.dead:
                     r.glet.throw(greenlet.GreenletExit)  # unwind the parked run's finally blocks
-            plus = self._runs[+1]
-            # grad/autocast as before the pair; the RNG continues from where the +eps run left it
-            _restore_state((*start[:2], *(plus.state or start)[2:]))
-        return self._runs[+1].result, self._runs[-1].result
+            first = self._runs[keys[0]]
+            # grad/autocast as before the runs; the RNG continues from where the first run left it
+            _restore_state((*start[:2], *(first.state or start)[2:]))
+        return {k: r.result for k, r in self._runs.items()}
 
     def barrier(self, block: int) -> None:
-        """Called from a block's pre-hook inside a run: wait for the other run, then hand over the block."""
+        """Called from a block's pre-hook inside a run: wait for the others, then hand over the block."""
         me = self._current
         assert me is not None, "barrier() outside a lockstep run"
-        other = self._runs[-me.sign]
         k = len(me.calls)
         me.calls.append(block)
-        while not other.done and len(other.calls) <= k:
+        others = [r for r in self._runs.values() if r is not me]
+        while any(not r.done and len(r.calls) <= k for r in others):
             self._yield(me)
-        if len(other.calls) > k and other.calls[k] != block:
-            raise LockstepDivergenceError(
-                f"the +eps and -eps runs diverged at block call {k}: block {other.calls[k]} vs {block}. The"
-                " training_step's control flow must not depend on the parameter values."
-            )
-        if self._transitions <= k:  # second arrival (or the other run finished): prepare the block once
+        for r in others:
+            if len(r.calls) > k and r.calls[k] != block:
+                raise LockstepDivergenceError(
+                    f"the perturbed runs diverged at block call {k}: block {r.calls[k]} vs {block}. The"
+                    " training_step's control flow must not depend on the parameter values."
+                )
+        if self._transitions <= k:  # last arrival (or the others finished): prepare the block once
             self._transitions = k + 1
             self._transition(block)
-        self._activate(me.sign)
+        self._activate(me.key)
 
-    def _body(self, r: _Run, fn: Callable[[int], Any]) -> Callable[[], None]:
+    def _body(self, r: _Run, fn: Callable[[Hashable], Any]) -> Callable[[], None]:
         def body() -> None:
             try:
-                self._activate(r.sign)
-                r.result = fn(r.sign)
+                self._activate(r.key)
+                r.result = fn(r.key)
             except greenlet.GreenletExit:
                 raise
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's greenlet

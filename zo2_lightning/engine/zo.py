@@ -3,7 +3,7 @@
 ```python
 engine = ZOEngine(model, blocks, torch.device("cuda"), seed=0)
 engine.attach(trainable_groups)                      # offload blocks, hooks on
-loss_plus, loss_minus = engine.run_pair(lambda sign: loss_fn(model, batch), step=t, eps=1e-3)
+loss_plus, loss_minus = engine.run_pair(lambda key: loss_fn(model, batch), step=t, eps=1e-3)
 engine.commit(step=t, g=(loss_plus - loss_minus) / 2e-3, lrs=[1e-6], weight_decays=[0.0])
 engine.detach()                                      # flushed, hooks off, parameters back where they were
 ```
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from zo2_lightning.engine.lockstep import LockstepPair
+from zo2_lightning.engine.lockstep import Lockstep
 from zo2_lightning.engine.perturb import perturb_into, sgd_update_
 from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
 from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
@@ -104,14 +104,15 @@ class ZOEngine:
         self._res_w: list[torch.Tensor] = []
         self._res_z: list[torch.Tensor] = []
         self._res_z_key: tuple[int, int] | None = None  # (step, seed) of the z held in _res_z
-        self._pair_seed = self.seed
-        self._res_pert: dict[int, list[torch.Tensor]] = {}
-        self._scratch: dict[str, dict[torch.dtype, torch.Tensor]] = {}
+        self._seeds: list[int] = [self.seed]  # one run seed per direction of the current step
+        self._res_pert: dict[tuple[int, int], list[torch.Tensor]] = {}  # (direction, sign) -> resident copies
+        self._scratch_sizes: dict[torch.dtype, int] = {}
+        self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or (direction, sign)
         self._group_of: dict[int, int] = {}  # id(param) -> optimizer param group
         self._commits: list[Commit] = []
         self._applied: list[int] = []  # per block: how many commits it has absorbed
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
-        self._pair: LockstepPair | None = None
+        self._pair: Lockstep | None = None
         self._step = 0
         self._eps = 0.0
         self._signed_block: int | None = None
@@ -193,40 +194,57 @@ class ZOEngine:
         self.attached = False
 
     def _allocate_scratch(self) -> None:
-        sizes: dict[torch.dtype, int] = {}
         for unit in self.units:
             for seg in unit.segments:
-                sizes[seg.dtype] = max(sizes.get(seg.dtype, 0), seg.trainable_numel)
-        self._scratch = {
-            name: {dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items() if n}
-            for name in ("z", "plus", "minus")
-        }
-        assert self.resident is not None
+                self._scratch_sizes[seg.dtype] = max(self._scratch_sizes.get(seg.dtype, 0), seg.trainable_numel)
         # the resident unit holds trainable parameters only, so its flats are all "trainable head"
         self._res_z = [torch.empty_like(w) for w in self._res_w]
-        self._res_pert = {s: [torch.empty_like(w) for w in self._res_w] for s in (+1, -1)}
+        self._ensure_scratch(1)
+
+    def _ensure_scratch(self, q: int) -> None:
+        """z plus one perturbed copy per (direction, sign), for blocks (max block size) and resident."""
+        for key in ["z", *_run_keys(q)]:
+            if key not in self._scratch:
+                self._scratch[key] = {
+                    dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in self._scratch_sizes.items() if n
+                }
+            if key != "z" and key not in self._res_pert:
+                self._res_pert[key] = [torch.empty_like(w) for w in self._res_w]
 
     # ================================================================== the step
-    def run_pair(self, fn: Callable[[int], Any], step: int, eps: float, seed: int | None = None) -> tuple[Any, Any]:
-        """Run ``fn(sign)`` for sign = +1 and -1 in lockstep on theta + sign * eps * z(step).
+    def run_pair(self, fn: Callable[[Any], Any], step: int, eps: float, seed: int | None = None) -> tuple[Any, Any]:
+        """Run ``fn(key)`` at theta + eps * z(step) and theta - eps * z(step) in lockstep; return both results.
 
         ``fn`` must run the model forward (all blocks through their modules) and return its result; the
-        caller decides what the result is (usually the scalar loss). ``seed`` overrides the run seed for this
-        direction (q-SPSA, per-rank directions); ``None`` uses the engine's.
+        caller decides what the result is (usually the scalar loss). ``seed`` overrides the run seed of the
+        direction; ``None`` uses the engine's.
+        """
+        return self.run_directions(fn, step, eps, [self.seed if seed is None else seed])[0]
+
+    def run_directions(
+        self, fn: Callable[[Any], Any], step: int, eps: float, seeds: Sequence[int]
+    ) -> list[tuple[Any, Any]]:
+        """q-SPSA: the 2q runs ``fn((d, +1))``, ``fn((d, -1))`` for each direction seed, all in lockstep, so
+        each block is brought in once and every run uses it before it leaves. Returns ``[(out+, out-)]`` per
+        direction. Scratch memory grows with q: 2q perturbed copies of the largest block and of the resident
+        parameters.
         """
         self._release_all()
         self._step, self._eps = int(step), float(eps)
-        self._pair_seed = self.seed if seed is None else int(seed)
+        self._seeds = [int(s) for s in seeds]
+        self._ensure_scratch(len(self._seeds))
         self._prepare_resident()
-        self._pair = LockstepPair(self._activate, self._transition)
+        self._pair = Lockstep(self._activate, self._transition)
+        keys = _run_keys(len(self._seeds))
         try:
-            return self._pair.run(fn)
+            results = self._pair.run(fn, keys)
         finally:
             self._pair = None
             self._signed_block = None
             self._release_all()
             assert self.resident is not None
             self.resident.bind(self._res_w)
+        return [(results[(d, +1)], results[(d, -1)]) for d in range(len(self._seeds))]
 
     def commit(
         self, step: int, g: float, lrs: Sequence[float], weight_decays: Sequence[float], seed: int | None = None
@@ -261,8 +279,15 @@ class ZOEngine:
 
     @property
     def sign(self) -> int | None:
-        """+1 / -1 while one of the paired runs executes, else None."""
-        return self._pair.sign if self._pair is not None else None
+        """+1 / -1 while one of the perturbed runs executes, else None."""
+        key = self._pair.key if self._pair is not None else None
+        return key[1] if key is not None else None
+
+    @property
+    def direction(self) -> int | None:
+        """The direction index of the perturbed run executing now, else None."""
+        key = self._pair.key if self._pair is not None else None
+        return key[0] if key is not None else None
 
     def release_blocks(self) -> None:
         """Let go of the blocks an evaluation forward left on the device."""
@@ -296,28 +321,28 @@ class ZOEngine:
         return self._active[i].flats
 
     def _transition(self, i: int) -> None:
-        """Both runs reached block ``i``: bring it in and build its two perturbed copies."""
+        """Every run reached block ``i``: bring it in and build its perturbed copies, two per direction."""
         flats = self._arrive(i)
         unit = self.units[i]
         if unit.trainable:
             z = self._scratch_views("z", unit)
-            self._draw(unit, self._step, z, self._pair_seed)
-            for seg, w, zz, pp, pm in zip(
-                unit.segments, flats, z, self._scratch_views("plus", unit), self._scratch_views("minus", unit)
-            ):
-                n = seg.trainable_numel
-                perturb_into(pp, w[:n], zz, self._eps)
-                perturb_into(pm, w[:n], zz, -self._eps)
+            for d, seed in enumerate(self._seeds):
+                self._draw(unit, self._step, z, seed)
+                for seg, w, zz, pp, pm in zip(unit.segments, flats, z, self._scratch_views((d, +1), unit),
+                                              self._scratch_views((d, -1), unit)):
+                    n = seg.trainable_numel
+                    perturb_into(pp, w[:n], zz, self._eps)
+                    perturb_into(pm, w[:n], zz, -self._eps)
         self._signed_block = i
 
-    def _activate(self, sign: int) -> None:
-        """The run of ``sign`` is about to execute: every parameter it may read holds its sign."""
+    def _activate(self, key: tuple[int, int]) -> None:
+        """The run ``(direction, sign)`` is about to execute: every parameter it may read holds its perturbation."""
         assert self.resident is not None
-        self.resident.bind_signed(self._res_w, self._res_pert[sign])
+        self.resident.bind_signed(self._res_w, self._res_pert[key])
         i = self._signed_block
         if i is not None:
             unit, flats = self.units[i], self._active[i].flats
-            unit.bind_signed(flats, self._scratch_views("plus" if sign > 0 else "minus", unit))
+            unit.bind_signed(flats, self._scratch_views(key, unit))
 
     def _release(self, j: int) -> None:
         acquired = self._active.pop(j)
@@ -333,11 +358,12 @@ class ZOEngine:
         assert self.resident is not None
         if not self.resident.trainable:
             return
-        self._draw(self.resident, self._step, self._res_z, self._pair_seed)
-        self._res_z_key = (self._step, self._pair_seed)
-        for w, z, pp, pm in zip(self._res_w, self._res_z, self._res_pert[+1], self._res_pert[-1]):
-            perturb_into(pp, w, z, self._eps)
-            perturb_into(pm, w, z, -self._eps)
+        for d, seed in enumerate(self._seeds):
+            self._draw(self.resident, self._step, self._res_z, seed)
+            self._res_z_key = (self._step, seed)
+            for w, z, pp, pm in zip(self._res_w, self._res_z, self._res_pert[(d, +1)], self._res_pert[(d, -1)]):
+                perturb_into(pp, w, z, self._eps)
+                perturb_into(pm, w, z, -self._eps)
 
     def _catch_up(self, i: int, flats: list[torch.Tensor]) -> bool:
         """Apply the commits block ``i`` has not seen yet; True if its values changed."""
@@ -347,10 +373,10 @@ class ZOEngine:
         if not todo or not unit.trainable:
             return False
         z = self._scratch_views("z", unit)
-        for c in todo:
+        for c in todo:  # one commit at a time, rounded after each: catching up k steps late changes nothing
             self._draw(unit, c.step, z, c.seed)
             self._apply(unit, flats, z, c)
-        self._round_to_storage(i, flats, todo[-1])
+            self._round_to_storage(i, flats, c)
         return True
 
     def _round_to_storage(self, i: int, flats: list[torch.Tensor], c: Commit) -> None:
@@ -385,7 +411,7 @@ class ZOEngine:
         for j, zz in enumerate(unit.trainable_views(z)):
             draw_direction(zz, derive_seed(seed, step, unit.index, j), self._generator)
 
-    def _scratch_views(self, name: str, unit: Unit) -> list[torch.Tensor]:
+    def _scratch_views(self, name: object, unit: Unit) -> list[torch.Tensor]:
         """Per segment, the first ``trainable_numel`` elements of the shared scratch buffer ``name``."""
         bufs = self._scratch[name]
         return [
@@ -400,3 +426,8 @@ class ZOEngine:
     def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
         if self.attached and self.pending:
             self.flush()
+
+
+def _run_keys(q: int) -> list[tuple[int, int]]:
+    """(direction, sign) of the 2q perturbed runs; direction 0's +eps run first."""
+    return [(d, s) for d in range(q) for s in (+1, -1)]
