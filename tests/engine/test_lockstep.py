@@ -45,3 +45,18 @@ def test_each_block_is_prepared_once_per_step_and_runs_alternate():
     assert all({order[2 * i][1], order[2 * i + 1][1]} == {1, -1} for i in range(len(blocks)))
     assert engine.streamer.bytes_uploaded == sum(u.nbytes for u in engine.units)  # one upload per block
     engine.detach()
+
+
+def test_q_directions_share_one_upload_and_equal_separate_pairs():
+    model, batch = tiny_models.build("qwen2")
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, force_copies=True)
+    engine.attach([list(model.parameters())])
+    seeds = [SEED, 77, 78]
+    with torch.no_grad():
+        together = engine.run_directions(lambda key: tiny_models.loss(model, batch), step=1, eps=EPS, seeds=seeds)
+        assert engine.streamer.bytes_uploaded == sum(u.nbytes for u in engine.units)  # each block once
+        apart = [engine.run_pair(lambda key: tiny_models.loss(model, batch), step=1, eps=EPS, seed=s) for s in seeds]
+    engine.detach()
+    for (tp, tm), (ap, am) in zip(together, apart):
+        assert torch.equal(tp, ap) and torch.equal(tm, am)
+    assert len({round(tp.item(), 7) for tp, _ in together}) == 3
