@@ -166,6 +166,28 @@ class BlockStreamer:
         elif slot.free is not None:
             slot.free.record(torch.cuda.current_stream(self.device))  # compute done reading
 
+    def set_resident(self, n: int) -> None:
+        """Keep the first ``n`` blocks on the working device from now on (call between steps, nothing acquired)."""
+        if not self.copies:
+            return
+        assert not self._active, "set_resident() while blocks are in use"
+        want = set(range(min(max(0, int(n)), len(self.units))))
+        for i in sorted(self.resident - want):  # demote: host copy made current, slot freed
+            if i in self._stale:
+                self._write_back(i, self._resident_slots[i])
+                self._stale.discard(i)
+            del self._resident_slots[i]
+        for i in sorted(want - self.resident):  # promote: its own slot, filled from the (current) host copy
+            if i in self._on_device:
+                cached = self._on_device.pop(i)
+                cached.block = None
+                self._prefetched.discard(i)
+            slot = self._new_slot({seg.dtype: seg.numel for seg in self.units[i].segments})
+            self.resident.add(i)
+            self._upload(i, slot)
+            self._resident_slots[i] = slot
+        self.resident = want
+
     def sync_host(self) -> None:
         """Make every host copy current (write back stale resident blocks and wait for pending write-backs)."""
         for i in sorted(self._stale):

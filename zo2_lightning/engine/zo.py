@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.lockstep import Lockstep
 from zo2_lightning.engine.perturb import perturb_into, sgd_update_
+from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
 from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
 from zo2_lightning.engine.streaming import BlockStreamer
@@ -62,7 +63,11 @@ class ZOEngine:
         offload: keep block parameters in host memory (False: everything on ``device``, in-device MeZO).
         pin_memory: pin host buffers when ``device`` is CUDA (``None``: yes when it is).
         prefetch: blocks uploaded ahead of the one computing.
-        resident_blocks: the first N blocks stay on ``device`` for the whole run.
+        resident_blocks: the first N blocks stay on ``device`` for the whole run; ``"auto"``: after the first
+            step, as many as fit under ``max_device_memory`` (measured peak of a fully streamed step).
+        max_device_memory: the budget for ``"auto"`` in bytes; ``None`` takes 90% of the device's memory.
+        memory_probe: returns the peak device memory so far (default: ``torch.cuda.max_memory_allocated``);
+            injectable for tests.
         force_copies: exercise the host<->device copy path even on CPU (tests).
         storage_dtype: dtype of the blocks' host copies (``torch.bfloat16`` / ``torch.float16`` halve the bytes
             moved and stored); compute stays in the parameters' dtype.
@@ -80,8 +85,10 @@ class ZOEngine:
         offload: bool = True,
         pin_memory: bool | None = None,
         prefetch: int = 1,
-        resident_blocks: int = 0,
+        resident_blocks: int | str = 0,
         force_copies: bool = False,
+        max_device_memory: int | None = None,
+        memory_probe: Callable[[], int] | None = None,
         storage_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
     ) -> None:
@@ -93,11 +100,16 @@ class ZOEngine:
             offload=offload,
             pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
             prefetch=prefetch,
-            resident=resident_blocks,
+            resident=0 if resident_blocks == "auto" else resident_blocks,
             force_copies=force_copies,
             storage_dtype=storage_dtype,
         )
         self._round = stochastic_round if stochastic_rounding else round_to_nearest
+        if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
+            raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
+        self._auto_residency = resident_blocks == "auto"
+        self._budget = max_device_memory
+        self._probe = memory_probe
         self.streamer: BlockStreamer | None = None
         self.units: list[Unit] = []
         self.resident: Unit | None = None
@@ -254,12 +266,33 @@ class ZOEngine:
         seed = self.seed if seed is None else int(seed)
         c = Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)), seed)
         self._commits.append(c)
+        if self._auto_residency:
+            self._plan_residency()
         assert self.resident is not None
         if self.resident.trainable:
             if self._res_z_key != (c.step, c.seed):
                 self._draw(self.resident, c.step, self._res_z, c.seed)
             self._apply(self.resident, self._res_w, self._res_z, c)
             self._res_z_key = None  # consumed as scratch by the update
+
+    def _plan_residency(self) -> None:
+        """Once, after the first (fully streamed) step: keep as many blocks resident as the budget allows."""
+        self._auto_residency = False
+        assert self.streamer is not None
+        if not self.streamer.copies or not self.units:
+            return  # nothing is copied: every block is already where it computes
+        probe = self._probe
+        if probe is None:
+            if self.device.type != "cuda":
+                return
+            probe = lambda: torch.cuda.max_memory_allocated(self.device)  # noqa: E731
+        budget = self._budget
+        if budget is None:
+            budget = int(0.9 * torch.cuda.get_device_properties(self.device).total_memory)
+        block_bytes = max(u.nbytes for u in self.units)  # working dtype, on the device
+        n = blocks_that_fit(budget, probe(), block_bytes, len(self.units))
+        self._release_all()
+        self.streamer.set_resident(n)
 
     def flush(self) -> None:
         """Apply every pending update and make the host copies current. Idempotent."""
