@@ -13,11 +13,12 @@ switched off) the host buffer *is* the working buffer and every copy is skipped:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from zo2_lightning.engine.disk import DiskStore
 from zo2_lightning.engine.units import Unit
 
 
@@ -52,6 +53,9 @@ class BlockStreamer:
             blocks are widened to their working dtype on upload and cast back on write-back, so the caller
             must keep the working values representable (the engine rounds them stochastically after updates).
             Implies separate working buffers.
+        offload_dir: keep the host copies in files under this directory instead of host memory (models larger
+            than RAM); see :mod:`.disk`. Blocks are then read for every use and rewritten only when the
+            caller asks (``release(i, write_back=True)``).
     """
 
     def __init__(
@@ -65,15 +69,17 @@ class BlockStreamer:
         resident: int = 0,
         force_copies: bool = False,
         storage_dtype: torch.dtype | None = None,
+        offload_dir: str | None = None,
     ) -> None:
         self.units = list(units)
+        self.disk = DiskStore(offload_dir, len(self.units)) if offload_dir is not None else None
         self.device = device
         self.host_device = torch.device("cpu") if offload else device
         self.storage_dtype = storage_dtype
         narrows = storage_dtype is not None and any(
             seg.dtype != storage_dtype for u in self.units for seg in u.segments
         )
-        self.copies = (offload and device.type != "cpu") or force_copies or narrows
+        self.copies = (offload and device.type != "cpu") or force_copies or narrows or self.disk is not None
         self.pin = bool(pin_memory and offload and device.type == "cuda")
         self.prefetch_depth = max(0, int(prefetch))
         self.resident = set(range(min(max(0, int(resident)), len(self.units)))) if self.copies else set()
@@ -90,12 +96,23 @@ class BlockStreamer:
         self.bytes_offloaded = 0
 
     # ------------------------------------------------------------------ set-up / tear-down
-    def offload(self) -> None:
-        """Move every block's parameters into its flat host buffers and point the parameters there."""
-        for unit in self.units:
-            flats = unit.pack(self.host_device, pin=self.pin, dtype=self.storage_dtype)
-            unit.bind(flats)  # the old per-parameter storage is freed here
+    def offload(self, before_pack: Callable[[int], None] | None = None) -> None:
+        """Move every block's parameters into its host copy (flat buffers, or a file) and park them there.
+
+        Args:
+            before_pack: called with each block index just before it is packed (e.g. to materialize it).
+        """
+        if self.disk is not None:
+            self.disk.check_space(sum(self._host_nbytes(u) for u in self.units))
+        for i, unit in enumerate(self.units):
+            if before_pack is not None:
+                before_pack(i)
+            flats = unit.pack(self.host_device, pin=self.pin and self.disk is None, dtype=self.storage_dtype)
+            if self.disk is not None:
+                self.disk.write(i, flats)  # one block in memory at a time
+                flats = None
             self.host.append(flats)
+            self.park(i)  # the old per-parameter storage is freed here
         if not self.copies:
             return
         sizes: dict[torch.dtype, int] = {}
@@ -109,16 +126,48 @@ class BlockStreamer:
             self._upload(i, slot)
             self._resident_slots[i] = slot
 
+    def _host_nbytes(self, unit: Unit) -> int:
+        return sum(seg.numel * (self.storage_dtype or seg.dtype).itemsize for seg in unit.segments)
+
+    def _host_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.storage_dtype or dtype
+
+    def park(self, i: int) -> None:
+        """Point block ``i``'s parameters at its host copy (RAM), or at shape-only placeholders (disk: a
+        single element expanded to the parameter's shape, so nothing model-sized stays in memory)."""
+        unit = self.units[i]
+        if self.disk is None:
+            unit.bind(self.host[i])
+            return
+        for seg in unit.segments:
+            placeholder = torch.empty((), dtype=seg.dtype, device=self.host_device)  # one element, no copy
+            for slot in seg.slots:
+                slot.param.data = placeholder.expand(slot.shape)
+
+    def expose(self) -> None:
+        """Disk offload: point parked parameters at copy-on-write maps of their files, so ``state_dict`` and
+        checkpoints can read them without loading the model (the pages are file-backed and reclaimable)."""
+        if self.disk is None:
+            return
+        for i, unit in enumerate(self.units):
+            if i in self._active or i in self.resident:
+                continue
+            maps = self.disk.map(i, [self._host_dtype(s.dtype) for s in unit.segments], [s.numel for s in unit.segments])
+            unit.bind(maps)
+
     def _new_slot(self, sizes: dict[torch.dtype, int]) -> _DeviceSlot:
         return _DeviceSlot({dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items()})
 
     def restore(self) -> None:
         """Give every parameter its own storage again, on the host device, in its own dtype, holding the host values."""
         self.sync_host()
-        for unit, flats in zip(self.units, self.host):
+        for i, (unit, flats) in enumerate(zip(self.units, self.host)):
+            if flats is None:  # disk: file-backed maps, copied only where the dtype widens
+                flats = self.disk.map(i, [self._host_dtype(s.dtype) for s in unit.segments], [s.numel for s in unit.segments])
             for seg, flat in zip(unit.segments, flats):
                 for slot in seg.slots:
-                    slot.param.data = slot.view(flat).to(seg.dtype, copy=True)
+                    view = slot.view(flat)
+                    slot.param.data = view.to(seg.dtype, copy=True) if self.disk is None or view.dtype != seg.dtype else view
         self.host.clear()
         self._slots.clear()
         self._resident_slots.clear()
@@ -151,9 +200,11 @@ class BlockStreamer:
             self._upload(i, slot)
             self._prefetched.add(i)
 
-    def release(self, i: int, dirty: bool) -> None:
-        """Block ``i`` is no longer read; if ``dirty`` its values changed and go back to the host copy."""
+    def release(self, i: int, dirty: bool, write_back: bool = True) -> None:
+        """Block ``i`` is no longer read; if ``dirty`` its values changed. They go back to the host copy unless
+        ``write_back`` is False, in which case the working copy is dropped (the caller replays the changes)."""
         self._active.discard(i)
+        self.park(i)
         if not self.copies:
             return
         if i in self.resident:
@@ -161,10 +212,13 @@ class BlockStreamer:
                 self._stale.add(i)
             return
         slot = self._on_device[i]
-        if dirty:
+        if dirty and write_back:
             self._write_back(i, slot)
         elif slot.free is not None:
             slot.free.record(torch.cuda.current_stream(self.device))  # compute done reading
+        if dirty and not write_back:  # the slot holds values the host copy does not: never reuse them
+            del self._on_device[i]
+            slot.block = None
 
     def set_resident(self, n: int) -> None:
         """Keep the first ``n`` blocks on the working device from now on (call between steps, nothing acquired)."""
@@ -223,7 +277,9 @@ class BlockStreamer:
             self._on_device[i] = slot
         dst = self._views(i, slot)
         up = self._streams.upload
-        if up is None:  # CPU copy path: synchronous
+        if self.disk is not None:
+            self._read_block(i, dst)
+        elif up is None:  # CPU copy path: synchronous
             for d, h in zip(dst, self.host[i]):
                 d.copy_(h)
         else:
@@ -237,13 +293,28 @@ class BlockStreamer:
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(up)
                 slot.free = torch.cuda.Event()
-        self.bytes_uploaded += sum(h.numel() * h.element_size() for h in self.host[i])
+        self.bytes_uploaded += self._host_nbytes(self.units[i])
         return slot
+
+    def _read_block(self, i: int, dst: list[torch.Tensor]) -> None:
+        """Disk -> working buffers, through a CPU staging buffer where dtype or device differ (synchronous: the
+        drive, not the bus, sets the pace of disk offload)."""
+        direct = all(d.device.type == "cpu" and d.dtype == self._host_dtype(d.dtype) for d in dst)
+        if direct:
+            self.disk.read_into(i, dst)
+            return
+        staging = [torch.empty(d.numel(), dtype=self._host_dtype(d.dtype), pin_memory=self.device.type == "cuda")
+                   for d in dst]
+        self.disk.read_into(i, staging)
+        for d, h in zip(dst, staging):
+            d.copy_(h)
 
     def _write_back(self, i: int, slot: _DeviceSlot) -> None:
         src = self._views(i, slot)
         off = self._streams.offload
-        if off is None:
+        if self.disk is not None:
+            self.disk.write(i, [d.to("cpu", self._host_dtype(d.dtype)) for d in src])
+        elif off is None:
             for h, d in zip(self.host[i], src):
                 h.copy_(d)
         else:
@@ -257,4 +328,4 @@ class BlockStreamer:
                 done.record(off)
             slot.free = done  # the slot may be refilled only after the copy out
             self._streams.host_ready[i] = done  # a re-upload of block i must wait for it
-        self.bytes_offloaded += sum(h.numel() * h.element_size() for h in self.host[i])
+        self.bytes_offloaded += self._host_nbytes(self.units[i])

@@ -49,7 +49,8 @@ class Commit:
 @dataclass
 class _Acquired:
     flats: list[torch.Tensor]  # the block's working-device flats
-    dirty: bool  # values changed since upload: write back on release
+    dirty: bool  # values changed since upload
+    applied: int  # commits the working copy reflects
 
 
 class ZOEngine:
@@ -68,6 +69,13 @@ class ZOEngine:
         max_device_memory: the budget for ``"auto"`` in bytes; ``None`` takes 90% of the device's memory.
         memory_probe: returns the peak device memory so far (default: ``torch.cuda.max_memory_allocated``);
             injectable for tests.
+        offload_dir: keep the blocks' host copies in safetensors files under this directory (models larger
+            than host RAM). A block's file is rewritten only every ``disk_flush_every`` updates and at a flush;
+            in between, the pending (seed, g, lr) updates are replayed on each read, so the drive is mostly read.
+        disk_flush_every: see ``offload_dir``.
+        materialize: ``materialize(block)`` is called on a block whose parameters are on the meta device just
+            before it is packed, so a model larger than RAM can be built one block at a time. It must keep the
+            Parameter objects (fill them with ``torch.utils.swap_tensors``): the optimizer holds them.
         force_copies: exercise the host<->device copy path even on CPU (tests).
         storage_dtype: dtype of the blocks' host copies (``torch.bfloat16`` / ``torch.float16`` halve the bytes
             moved and stored); compute stays in the parameters' dtype.
@@ -89,6 +97,9 @@ class ZOEngine:
         force_copies: bool = False,
         max_device_memory: int | None = None,
         memory_probe: Callable[[], int] | None = None,
+        offload_dir: str | None = None,
+        disk_flush_every: int = 16,
+        materialize: Callable[[nn.Module], None] | None = None,
         storage_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
     ) -> None:
@@ -103,7 +114,13 @@ class ZOEngine:
             resident=0 if resident_blocks == "auto" else resident_blocks,
             force_copies=force_copies,
             storage_dtype=storage_dtype,
+            offload_dir=offload_dir,
         )
+        if int(disk_flush_every) < 1:
+            raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")
+        self.disk_flush_every = int(disk_flush_every)
+        self._materialize = materialize
+        self._flushing = False
         self._round = stochastic_round if stochastic_rounding else round_to_nearest
         if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
             raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
@@ -158,7 +175,7 @@ class ZOEngine:
             self.units.append(unit)
         self._applied = [0] * len(self.units)
         self.streamer = BlockStreamer(self.units, self.device, **self._stream_args)
-        self.streamer.offload()
+        self.streamer.offload(before_pack=self._materialize_block)
         # everything outside the blocks lives on the working device
         res_params = [p for p in self.model.parameters() if id(p) not in block_param_ids]
         for p in res_params:
@@ -193,12 +210,12 @@ class ZOEngine:
                 slot.param.data = slot.view(flat).clone()
         for p in self.model.parameters():
             dev = self._orig_devices.get(id(p))
-            if dev is not None and p.device != dev:
+            if dev is not None and dev.type != "meta" and p.device != dev:  # materialized blocks stay on host
                 p.data = p.data.to(dev)
         for module in self.model.modules():
             for name, buf in module._buffers.items():
                 dev = self._orig_devices.get(id(buf)) if buf is not None else None
-                if dev is not None and buf.device != dev:
+                if dev is not None and dev.type != "meta" and buf.device != dev:
                     module._buffers[name] = buf.to(dev)
         self._res_w, self._res_z, self._res_pert, self._scratch = [], [], {}, {}
         self.units, self.resident, self.streamer = [], None, None
@@ -300,12 +317,15 @@ class ZOEngine:
             return  # parameters are perturbed mid-step; nothing outside the step may read them now
         if self.streamer is None:
             return
-        self._release_all()
-        for i in range(len(self.units)):
-            if self._applied[i] < len(self._commits):
-                flats = self.streamer.acquire(i)
-                self._catch_up(i, flats)
-                self.streamer.release(i, dirty=True)
+        self._flushing = True  # every release writes back, disk included
+        try:
+            self._release_all()
+            for i in range(len(self.units)):
+                if self._applied[i] < len(self._commits):
+                    self._arrive(i)
+                    self._release(i)
+        finally:
+            self._flushing = False
         self.streamer.sync_host()
         self._commits.clear()
         self._applied = [0] * len(self.units)
@@ -348,7 +368,7 @@ class ZOEngine:
             self._release(j)
         if i not in self._active:
             flats = self.streamer.acquire(i)
-            self._active[i] = _Acquired(flats, self._catch_up(i, flats))
+            self._active[i] = _Acquired(flats, self._catch_up(i, flats), len(self._commits))
         for k in range(1, self.streamer.prefetch_depth + 1):
             self.streamer.prefetch(i + k)
         return self._active[i].flats
@@ -379,8 +399,27 @@ class ZOEngine:
 
     def _release(self, j: int) -> None:
         acquired = self._active.pop(j)
-        self.units[j].bind(self.streamer.host[j])
-        self.streamer.release(j, acquired.dirty)
+        lazy = self.streamer.disk is not None and j not in self.streamer.resident and not self._flushing
+        lag = acquired.applied - self._applied[j]  # updates the host copy has not absorbed
+        write = acquired.dirty and not (lazy and lag < self.disk_flush_every)
+        self.streamer.release(j, acquired.dirty, write_back=write)
+        if write or not acquired.dirty:
+            self._applied[j] = acquired.applied
+        self._trim_commits()
+
+    def _trim_commits(self) -> None:
+        """Forget commits every host copy has absorbed (disk offload keeps up to disk_flush_every per block)."""
+        done = min(self._applied, default=0)
+        if done >= 64:
+            del self._commits[:done]
+            self._applied = [a - done for a in self._applied]
+            for acq in self._active.values():
+                acq.applied -= done
+
+    def _materialize_block(self, i: int) -> None:
+        block = self.blocks[i]
+        if self._materialize is not None and any(p.is_meta for p in block.parameters()):
+            self._materialize(block)
 
     def _release_all(self) -> None:
         for j in list(self._active):
@@ -402,7 +441,6 @@ class ZOEngine:
         """Apply the commits block ``i`` has not seen yet; True if its values changed."""
         unit = self.units[i]
         todo = self._commits[self._applied[i] :]
-        self._applied[i] = len(self._commits)
         if not todo or not unit.trainable:
             return False
         z = self._scratch_views("z", unit)
@@ -457,8 +495,11 @@ class ZOEngine:
 
     # ================================================================== state_dict
     def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
-        if self.attached and self.pending:
+        if not self.attached or self._pair is not None:
+            return
+        if self.pending:
             self.flush()
+        self.streamer.expose()  # disk offload: parked parameters read through file maps
 
 
 def _run_keys(q: int) -> list[tuple[int, int]]:
