@@ -31,6 +31,7 @@ from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.module import ZOModule
 from zo2_lightning.optim import ZOSGD
 
+_STORAGE_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CKPT_KEY = "zo2_lightning"
 _CKPT_FORMAT = 1
 
@@ -50,22 +51,39 @@ class ZOStrategyCore:
         offload_device: str | None,
         pin_memory: bool | None,
         prefetch: int,
-        resident_blocks: int,
+        resident_blocks: int | str,
         seed: int | None,
         max_consecutive_skips: int = 0,
+        storage_dtype: str | None = None,
+        offload_dir: str | None = None,
+        disk_flush_every: int = 16,
+        max_gpu_memory: int | None = None,
     ) -> None:
-        if offload_device not in ("cpu", None):
+        """Validate and keep the ZO options (documented on the concrete strategy)."""
+        if offload_device not in ("cpu", "disk", None):
             raise ValueError(
-                f"offload_device={offload_device!r} is not supported: use 'cpu' (stream blocks from host memory)"
-                " or None (keep the whole model on the working device)"
+                f"offload_device={offload_device!r} is not supported: use 'cpu' (stream blocks from host memory),"
+                " 'disk' (from files under offload_dir) or None (keep the whole model on the working device)"
             )
-        if int(prefetch) < 0 or int(resident_blocks) < 0:
+        if (offload_device == "disk") != (offload_dir is not None):
+            raise ValueError(
+                "disk offload needs both `offload_device='disk'` and `offload_dir='/path/on/a/local/drive'`"
+            )
+        if int(prefetch) < 0 or (resident_blocks != "auto" and int(resident_blocks) < 0):
             raise ValueError(f"prefetch ({prefetch}) and resident_blocks ({resident_blocks}) must be >= 0")
+        if storage_dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype={storage_dtype!r}: choose one of {sorted(map(str, _STORAGE_DTYPES))}")
+        if int(disk_flush_every) < 1:
+            raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")
         self.offload_device = offload_device
         self.pin_memory = pin_memory
         self.prefetch = int(prefetch)
-        self.resident_blocks = int(resident_blocks)
+        self.resident_blocks = resident_blocks if resident_blocks == "auto" else int(resident_blocks)
         self.seed = seed
+        self.storage_dtype = storage_dtype
+        self.offload_dir = offload_dir
+        self.disk_flush_every = int(disk_flush_every)
+        self.max_gpu_memory = max_gpu_memory
         self.engine = None
         self._force_copies = False  # tests: exercise the transfer path on CPU
         self._resumed_state: dict[str, Any] | None = None
@@ -89,6 +107,10 @@ class ZOStrategyCore:
             prefetch=self.prefetch,
             resident_blocks=self.resident_blocks,
             force_copies=self._force_copies,
+            storage_dtype=_STORAGE_DTYPES[self.storage_dtype],
+            offload_dir=self.offload_dir,
+            disk_flush_every=self.disk_flush_every,
+            max_device_memory=self.max_gpu_memory,
         )
         groups = [group["params"] for group in optimizer.param_groups] if optimizer is not None else []
         self.engine.attach(groups)
