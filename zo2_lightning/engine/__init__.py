@@ -9,7 +9,8 @@ from zo2_lightning.engine.perturb import perturb_into, projected_grad, sgd_updat
 from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, direction_seed, draw_direction
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
-from zo2_lightning.engine.zo import Commit, ZOEngine
+from zo2_lightning.engine.spsa import Commit, UnitSPSA
+from zo2_lightning.engine.zo import ZOEngine
 
 __all__ = [
     "RESIDENT_UNIT",
@@ -19,6 +20,7 @@ __all__ = [
     "Lockstep",
     "NoBlocksError",
     "Unit",
+    "UnitSPSA",
     "ZOEngine",
     "derive_seed",
     "direction_seed",

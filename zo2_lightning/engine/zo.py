@@ -9,8 +9,9 @@ engine.detach()                                      # flushed, hooks off, param
 ```
 
 Plain torch: nothing here knows about Lightning or Hydra (DESIGN.md decision 9). The engine owns *what*
-happens to the parameters (perturbed copies, deferred update, flush); :mod:`.streaming` owns *where* they
-are; :mod:`.lockstep` owns the interleaving of the two forwards; :mod:`.perturb` owns the arithmetic.
+happens to the parameters and when (perturbed copies at a block's arrival, deferred update, flush);
+:mod:`.streaming` owns *where* they are; :mod:`.lockstep` owns the interleaving of the forwards;
+:mod:`.spsa` does the arithmetic on a unit.
 """
 
 from __future__ import annotations
@@ -24,26 +25,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.lockstep import Lockstep
-from zo2_lightning.engine.perturb import perturb_into, sgd_update_
 from zo2_lightning.engine.residency import blocks_that_fit
-from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
-from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
+from zo2_lightning.engine.seeds import RESIDENT_UNIT
+from zo2_lightning.engine.spsa import Commit, UnitSPSA, run_keys
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
-
-
-_ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
-
-
-@dataclass(frozen=True)
-class Commit:
-    """The update of one step, applied to each block when it next arrives (or at a flush)."""
-
-    step: int
-    g: float
-    lrs: tuple[float, ...]  # per optimizer param group
-    weight_decays: tuple[float, ...]
-    seed: int  # the run seed z was drawn with (see seeds.direction_seed)
 
 
 @dataclass
@@ -121,7 +107,7 @@ class ZOEngine:
         self.disk_flush_every = int(disk_flush_every)
         self._materialize = materialize
         self._flushing = False
-        self._round = stochastic_round if stochastic_rounding else round_to_nearest
+        self._storage_dtype, self._stochastic = storage_dtype, stochastic_rounding
         if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
             raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
         self._auto_residency = resident_blocks == "auto"
@@ -135,9 +121,7 @@ class ZOEngine:
         self._res_z_key: tuple[int, int] | None = None  # (step, seed) of the z held in _res_z
         self._seeds: list[int] = [self.seed]  # one run seed per direction of the current step
         self._res_pert: dict[tuple[int, int], list[torch.Tensor]] = {}  # (direction, sign) -> resident copies
-        self._scratch_sizes: dict[torch.dtype, int] = {}
-        self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or (direction, sign)
-        self._group_of: dict[int, int] = {}  # id(param) -> optimizer param group
+        self.spsa: UnitSPSA | None = None
         self._commits: list[Commit] = []
         self._applied: list[int] = []  # per block: how many commits it has absorbed
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
@@ -147,7 +131,6 @@ class ZOEngine:
         self._signed_block: int | None = None
         self._orig_devices: dict[int, torch.device] = {}
         self._handles: list[RemovableHandle] = []
-        self._generator: torch.Generator | None = None
         self.attached = False
 
     # ================================================================== attach / detach
@@ -160,10 +143,9 @@ class ZOEngine:
         """
         if self.attached:
             raise RuntimeError("ZOEngine.attach() called twice")
-        self._group_of = {
-            id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad
-        }
-        trainable = set(self._group_of)
+        group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
+        trainable = set(group_of)
+        self.spsa = UnitSPSA(self.device, group_of, self._storage_dtype, self._stochastic)
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
         for b in self.model.buffers():
@@ -187,8 +169,9 @@ class ZOEngine:
         self.resident = Unit.build(RESIDENT_UNIT, [p for p in res_params if id(p) in trainable], trainable)
         self._res_w = self.resident.pack(self.device)
         self.resident.bind(self._res_w)
-        self._allocate_scratch()
-        self._generator = torch.Generator(device=self.device)
+        self.spsa.reserve(self.units)
+        self._res_z = [torch.empty_like(w) for w in self._res_w]  # resident: trainable parameters only
+        self._reserve_resident(1)
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i)))
         for module in self.model.modules():
@@ -217,27 +200,14 @@ class ZOEngine:
                 dev = self._orig_devices.get(id(buf)) if buf is not None else None
                 if dev is not None and dev.type != "meta" and buf.device != dev:
                     module._buffers[name] = buf.to(dev)
-        self._res_w, self._res_z, self._res_pert, self._scratch = [], [], {}, {}
+        self._res_w, self._res_z, self._res_pert, self.spsa = [], [], {}, None
         self.units, self.resident, self.streamer = [], None, None
         self._commits, self._applied, self._active = [], [], {}
         self.attached = False
 
-    def _allocate_scratch(self) -> None:
-        for unit in self.units:
-            for seg in unit.segments:
-                self._scratch_sizes[seg.dtype] = max(self._scratch_sizes.get(seg.dtype, 0), seg.trainable_numel)
-        # the resident unit holds trainable parameters only, so its flats are all "trainable head"
-        self._res_z = [torch.empty_like(w) for w in self._res_w]
-        self._ensure_scratch(1)
-
-    def _ensure_scratch(self, q: int) -> None:
-        """z plus one perturbed copy per (direction, sign), for blocks (max block size) and resident."""
-        for key in ["z", *_run_keys(q)]:
-            if key not in self._scratch:
-                self._scratch[key] = {
-                    dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in self._scratch_sizes.items() if n
-                }
-            if key != "z" and key not in self._res_pert:
+    def _reserve_resident(self, q: int) -> None:
+        for key in run_keys(q):
+            if key not in self._res_pert:
                 self._res_pert[key] = [torch.empty_like(w) for w in self._res_w]
 
     # ================================================================== the step
@@ -261,10 +231,11 @@ class ZOEngine:
         self._release_all()
         self._step, self._eps = int(step), float(eps)
         self._seeds = [int(s) for s in seeds]
-        self._ensure_scratch(len(self._seeds))
+        self.spsa.reserve(self.units, len(self._seeds))
+        self._reserve_resident(len(self._seeds))
         self._prepare_resident()
         self._pair = Lockstep(self._activate, self._transition)
-        keys = _run_keys(len(self._seeds))
+        keys = run_keys(len(self._seeds))
         try:
             results = self._pair.run(fn, keys)
         finally:
@@ -288,8 +259,8 @@ class ZOEngine:
         assert self.resident is not None
         if self.resident.trainable:
             if self._res_z_key != (c.step, c.seed):
-                self._draw(self.resident, c.step, self._res_z, c.seed)
-            self._apply(self.resident, self._res_w, self._res_z, c)
+                self.spsa.draw(self.resident, c.step, c.seed, self._res_z)
+            self.spsa.apply(self.resident, self._res_w, self._res_z, c)
             self._res_z_key = None  # consumed as scratch by the update
 
     def _plan_residency(self) -> None:
@@ -368,7 +339,8 @@ class ZOEngine:
             self._release(j)
         if i not in self._active:
             flats = self.streamer.acquire(i)
-            self._active[i] = _Acquired(flats, self._catch_up(i, flats), len(self._commits))
+            dirty = self.spsa.catch_up(self.units[i], flats, self._commits[self._applied[i] :])
+            self._active[i] = _Acquired(flats, dirty, len(self._commits))
         for k in range(1, self.streamer.prefetch_depth + 1):
             self.streamer.prefetch(i + k)
         return self._active[i].flats
@@ -378,14 +350,7 @@ class ZOEngine:
         flats = self._arrive(i)
         unit = self.units[i]
         if unit.trainable:
-            z = self._scratch_views("z", unit)
-            for d, seed in enumerate(self._seeds):
-                self._draw(unit, self._step, z, seed)
-                for seg, w, zz, pp, pm in zip(unit.segments, flats, z, self._scratch_views((d, +1), unit),
-                                              self._scratch_views((d, -1), unit)):
-                    n = seg.trainable_numel
-                    perturb_into(pp, w[:n], zz, self._eps)
-                    perturb_into(pm, w[:n], zz, -self._eps)
+            self.spsa.perturb(unit, flats, self._step, self._eps, self._seeds)
         self._signed_block = i
 
     def _activate(self, key: tuple[int, int]) -> None:
@@ -395,7 +360,7 @@ class ZOEngine:
         i = self._signed_block
         if i is not None:
             unit, flats = self.units[i], self._active[i].flats
-            unit.bind_signed(flats, self._scratch_views(key, unit))
+            unit.bind_signed(flats, self.spsa.views(key, unit))
 
     def _release(self, j: int) -> None:
         acquired = self._active.pop(j)
@@ -428,70 +393,9 @@ class ZOEngine:
     # ================================================================== arithmetic on units
     def _prepare_resident(self) -> None:
         assert self.resident is not None
-        if not self.resident.trainable:
-            return
-        for d, seed in enumerate(self._seeds):
-            self._draw(self.resident, self._step, self._res_z, seed)
-            self._res_z_key = (self._step, seed)
-            for w, z, pp, pm in zip(self._res_w, self._res_z, self._res_pert[(d, +1)], self._res_pert[(d, -1)]):
-                perturb_into(pp, w, z, self._eps)
-                perturb_into(pm, w, z, -self._eps)
-
-    def _catch_up(self, i: int, flats: list[torch.Tensor]) -> bool:
-        """Apply the commits block ``i`` has not seen yet; True if its values changed."""
-        unit = self.units[i]
-        todo = self._commits[self._applied[i] :]
-        if not todo or not unit.trainable:
-            return False
-        z = self._scratch_views("z", unit)
-        for c in todo:  # one commit at a time, rounded after each: catching up k steps late changes nothing
-            self._draw(unit, c.step, z, c.seed)
-            self._apply(unit, flats, z, c)
-            self._round_to_storage(i, flats, c)
-        return True
-
-    def _round_to_storage(self, i: int, flats: list[torch.Tensor], c: Commit) -> None:
-        """With 16-bit storage, make the updated working values representable in it right away, so the
-        forwards see what the host will hold and the write-back is an exact cast. The rounding noise is seeded
-        by the newest commit applied: a resumed or early-flushed run stores the same bits."""
-        dtype = self.streamer.storage_dtype
-        if dtype is None:
-            return
-        assert self._generator is not None
-        for k, (seg, w) in enumerate(zip(self.units[i].segments, flats)):
-            n = seg.trainable_numel
-            if n and seg.dtype != dtype:
-                self._generator.manual_seed(derive_seed(c.seed, c.step, i, _ROUNDING_TAG + k))
-                w[:n].copy_(self._round(w[:n], dtype, self._generator))
-
-    def _apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
-        """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""
-        groups = [self._group_of[id(p)] for p in unit.trainable_params]
-        hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
-        if len(hyper) == 1:  # one op over each segment's trainable head
-            lr, wd = hyper.pop()
-            for seg, w, zz in zip(unit.segments, flats, z):
-                if seg.trainable_numel:
-                    sgd_update_(w[: seg.trainable_numel], zz, c.g, lr, wd)
-            return
-        for w, zz, g in zip(unit.trainable_views(flats), unit.trainable_views(z), groups):
-            sgd_update_(w, zz, c.g, c.lrs[g], c.weight_decays[g])
-
-    def _draw(self, unit: Unit, step: int, z: list[torch.Tensor], seed: int) -> None:
-        assert self._generator is not None
-        for j, zz in enumerate(unit.trainable_views(z)):
-            draw_direction(zz, derive_seed(seed, step, unit.index, j), self._generator)
-
-    def _scratch_views(self, name: object, unit: Unit) -> list[torch.Tensor]:
-        """Per segment, the first ``trainable_numel`` elements of the shared scratch buffer ``name``."""
-        bufs = self._scratch[name]
-        return [
-            bufs[seg.dtype][: seg.trainable_numel] if seg.trainable_numel else self._empty(seg.dtype)
-            for seg in unit.segments
-        ]
-
-    def _empty(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(0, dtype=dtype, device=self.device)
+        if self.resident.trainable:
+            self.spsa.perturb(self.resident, self._res_w, self._step, self._eps, self._seeds, self._res_pert, self._res_z)
+            self._res_z_key = (self._step, self._seeds[-1])  # _res_z holds the last direction's z
 
     # ================================================================== state_dict
     def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -501,7 +405,3 @@ class ZOEngine:
             self.flush()
         self.streamer.expose()  # disk offload: parked parameters read through file maps
 
-
-def _run_keys(q: int) -> list[tuple[int, int]]:
-    """(direction, sign) of the 2q perturbed runs; direction 0's +eps run first."""
-    return [(d, s) for d in range(q) for s in (+1, -1)]

@@ -1,0 +1,152 @@
+"""SPSA on units: directions drawn per tensor, perturbed copies, and commits applied to flat buffers.
+
+``spsa = UnitSPSA(device, group_of, storage_dtype=None)``; ``spsa.perturb(unit, flats, step, eps, seeds)``,
+``spsa.catch_up(unit, flats, commits)``
+
+The engine decides *when* (block arrivals, flushes) and *where* (device slots); this module does the
+arithmetic on one unit at a time with the formulas of :mod:`.perturb`, the seeds of :mod:`.seeds` and the
+rounding of :mod:`.rounding`, using scratch buffers sized once for the largest block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zo2_lightning.engine.perturb import perturb_into, sgd_update_
+from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
+from zo2_lightning.engine.seeds import derive_seed, draw_direction
+from zo2_lightning.engine.units import Unit
+
+_ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
+
+RunKey = tuple[int, int]  # (direction, sign)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The update of one step along one direction, applied to each block when it next arrives."""
+
+    step: int
+    g: float
+    lrs: tuple[float, ...]  # per optimizer param group
+    weight_decays: tuple[float, ...]
+    seed: int  # the run seed z was drawn with (see seeds.direction_seed)
+
+
+def run_keys(q: int) -> list[RunKey]:
+    """(direction, sign) of the 2q perturbed runs; direction 0's +eps run first."""
+    return [(d, s) for d in range(q) for s in (+1, -1)]
+
+
+class UnitSPSA:
+    """Draws, perturbs and updates units on one device.
+
+    Args:
+        device: the working device (z is drawn there).
+        group_of: ``id(param) -> optimizer param group`` for every trainable parameter.
+        storage_dtype: narrower host dtype of the blocks; updated values are rounded to it at once.
+        stochastic_rounding: seeded stochastic rounding (True) or round-to-nearest (False, comparison only).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        group_of: dict[int, int],
+        storage_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = True,
+    ) -> None:
+        self.device = device
+        self.group_of = group_of
+        self.storage_dtype = storage_dtype
+        self._round = stochastic_round if stochastic_rounding else round_to_nearest
+        self.generator = torch.Generator(device=device)
+        self._sizes: dict[torch.dtype, int] = {}
+        self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or a RunKey
+
+    # ------------------------------------------------------------------ scratch
+    def reserve(self, units: Sequence[Unit], q: int = 1) -> None:
+        """Scratch for z and 2q perturbed copies of the largest trainable part of any of ``units``."""
+        for unit in units:
+            for seg in unit.segments:
+                self._sizes[seg.dtype] = max(self._sizes.get(seg.dtype, 0), seg.trainable_numel)
+        for key in ["z", *run_keys(q)]:
+            bufs = self._scratch.setdefault(key, {})
+            for dt, n in self._sizes.items():
+                if n and (dt not in bufs or bufs[dt].numel() < n):
+                    bufs[dt] = torch.empty(n, dtype=dt, device=self.device)
+
+    def views(self, name: object, unit: Unit) -> list[torch.Tensor]:
+        """Per segment, the first ``trainable_numel`` elements of scratch buffer ``name``."""
+        bufs = self._scratch[name]
+        return [
+            bufs[seg.dtype][: seg.trainable_numel] if seg.trainable_numel
+            else torch.empty(0, dtype=seg.dtype, device=self.device)
+            for seg in unit.segments
+        ]
+
+    # ------------------------------------------------------------------ arithmetic
+    def draw(self, unit: Unit, step: int, seed: int, z: list[torch.Tensor]) -> None:
+        """z of every trainable tensor of ``unit`` for (seed, step), into ``z`` (one flat per segment)."""
+        for j, zz in enumerate(unit.trainable_views(z)):
+            draw_direction(zz, derive_seed(seed, step, unit.index, j), self.generator)
+
+    def perturb(
+        self,
+        unit: Unit,
+        flats: list[torch.Tensor],
+        step: int,
+        eps: float,
+        seeds: Sequence[int],
+        out: dict[RunKey, list[torch.Tensor]] | None = None,
+        z: list[torch.Tensor] | None = None,
+    ) -> None:
+        """theta +/- eps * z_d for every direction d, into ``out[(d, s)]`` (default: the block scratch)."""
+        z = self.views("z", unit) if z is None else z
+        for d, seed in enumerate(seeds):
+            self.draw(unit, step, seed, z)
+            plus = out[(d, +1)] if out is not None else self.views((d, +1), unit)
+            minus = out[(d, -1)] if out is not None else self.views((d, -1), unit)
+            for seg, w, zz, pp, pm in zip(unit.segments, flats, z, plus, minus):
+                n = seg.trainable_numel
+                perturb_into(pp[:n], w[:n], zz[:n], eps)
+                perturb_into(pm[:n], w[:n], zz[:n], -eps)
+
+    def catch_up(self, unit: Unit, flats: list[torch.Tensor], commits: Sequence[Commit]) -> bool:
+        """Apply ``commits`` in order (rounded to storage after each); True if anything changed."""
+        if not commits or not unit.trainable:
+            return False
+        z = self.views("z", unit)
+        for c in commits:  # one at a time, rounded after each: catching up k steps late changes nothing
+            self.draw(unit, c.step, c.seed, z)
+            self.apply(unit, flats, z, c)
+            self.round_to_storage(unit, flats, c)
+        return True
+
+    def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
+        """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""
+        groups = [self.group_of[id(p)] for p in unit.trainable_params]
+        hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
+        if len(hyper) == 1:  # one op over each segment's trainable head
+            lr, wd = hyper.pop()
+            for seg, w, zz in zip(unit.segments, flats, z):
+                if seg.trainable_numel:
+                    sgd_update_(w[: seg.trainable_numel], zz[: seg.trainable_numel], c.g, lr, wd)
+            return
+        for w, zz, g in zip(unit.trainable_views(flats), unit.trainable_views(z), groups):
+            sgd_update_(w, zz, c.g, c.lrs[g], c.weight_decays[g])
+
+    def round_to_storage(self, unit: Unit, flats: list[torch.Tensor], c: Commit) -> None:
+        """With 16-bit storage, make the updated working values representable in it right away, so the
+        forwards see what the host will hold and the write-back is an exact cast. The rounding noise is seeded
+        by the commit just applied: a resumed or early-flushed run stores the same bits."""
+        dtype = self.storage_dtype
+        if dtype is None:
+            return
+        for k, (seg, w) in enumerate(zip(unit.segments, flats)):
+            n = seg.trainable_numel
+            if n and seg.dtype != dtype:
+                self.generator.manual_seed(derive_seed(c.seed, c.step, unit.index, _ROUNDING_TAG + k))
+                w[:n].copy_(self._round(w[:n], dtype, self.generator))
