@@ -1,0 +1,64 @@
+"""How a ``precision/`` choice maps onto the Trainer, the model build and the offload strategy.
+
+``policy = PrecisionPolicy("bf16-mixed", storage_dtype="bfloat16")``; ``Trainer(precision=
+policy.trainer_precision)``, ``build_model(..., dtype=policy.model_dtype)`` and
+``ZO2OffloadStrategy(**offload_kwargs, **policy.strategy_kwargs())``. Blocks travel to the working
+device in their storage dtype and are widened there, so storage and transfer dtype are one choice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_TRAINER_PRECISION = ("32-true", "bf16-mixed")
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Compute precision, the dtype weights are built in, and the offload engine's storage dtype.
+
+    Args:
+        trainer_precision: Lightning's ``precision=`` (``32-true`` or ``bf16-mixed``; the strategy refuses
+            the others).
+        model_dtype: dtype of the weights when the model is built (the host copy).
+        storage_dtype: dtype the offload engine keeps host copies in and uploads (``None``: the model's);
+            updates are written back with seeded stochastic rounding.
+
+    Raises:
+        ValueError: for a trainer precision the ZO strategy does not support.
+    """
+
+    trainer_precision: str = "32-true"
+    model_dtype: str = "float32"
+    storage_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if str(self.trainer_precision) not in SUPPORTED_TRAINER_PRECISION:
+            raise ValueError(
+                f"precision {self.trainer_precision!r} is not supported by zo2_offload: use one of"
+                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32 or precision=bf16-mixed)."
+            )
+
+    def strategy_kwargs(self, strategy_cls: type | None = None) -> dict[str, Any]:
+        """The storage keyword argument (as ``torch.dtype``) to pass to the strategy, if set.
+
+        Args:
+            strategy_cls: when given, check that it accepts them.
+
+        Raises:
+            TypeError: if ``strategy_cls`` does not take a dtype this policy sets.
+        """
+        kwargs = {"storage_dtype": getattr(torch, self.storage_dtype)} if self.storage_dtype is not None else {}
+        if strategy_cls is not None and kwargs:
+            accepted = inspect.signature(strategy_cls).parameters
+            missing = [k for k in kwargs if k not in accepted]
+            if missing:
+                raise TypeError(
+                    f"{strategy_cls.__name__} does not take {missing} yet: this precision policy needs an offload"
+                    " engine with 16-bit storage; use precision=fp32 or precision=bf16-mixed meanwhile."
+                )
+        return kwargs

@@ -1,0 +1,128 @@
+"""Train: ``python -m zo2_lightning.train [group=option ...] [key=value ...]`` (``-m`` for a sweep).
+
+``metrics, objects = train(compose("train", overrides, output_dir))`` runs the same thing from Python.
+
+The default composes a tiny random-init OPT, the synthetic task and ``zo2_offload`` on one CPU, about a
+minute on two cores; ``model=opt-13b precision=bf16 offload=cpu_overlap task=sst2 trainer=gpu`` is a MeZO
+run on a GPU. Each config group (``conf/<group>/``) builds one object through its ``_target_``; this module
+only wires them together, and no DictConfig travels below it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as L
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig
+
+import zo2_lightning  # noqa: F401  (registers the strategy names)
+from zo2_lightning.config import CONF_DIR, accepts, instantiate_each, to_plain
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate everything a run needs from a composed config.
+
+    Args:
+        cfg: a composed ``train`` or ``eval`` config with ``paths.output_dir`` resolved.
+
+    Returns:
+        ``precision``, ``model``, ``tokenizer``, ``datamodule``, ``module``, ``callbacks``, ``loggers``,
+        ``trainer``.
+    """
+    precision = instantiate(cfg.precision)
+    bundle = instantiate(cfg.model, _convert_="all")
+    extra = {"tokenizer": bundle.tokenizer} if accepts(cfg.task, "tokenizer") else {}
+    datamodule = instantiate(cfg.task, **extra, _convert_="all")
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = instantiate(
+        cfg.module, model=bundle.model, tokenizer=bundle.tokenizer, optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler, _convert_="all",
+    )
+    strategy = instantiate(cfg.offload, **precision.strategy_kwargs(get_object(cfg.offload._target_)))
+    callbacks = instantiate_each(cfg.get("callbacks"))
+    loggers = instantiate_each(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams(to_plain(cfg))
+    trainer = instantiate(
+        cfg.trainer, strategy=strategy, precision=precision.trainer_precision, callbacks=callbacks,
+        logger=loggers or False, _convert_="all",
+    )
+    return {
+        "precision": precision, "model": bundle.model, "tokenizer": bundle.tokenizer, "datamodule": datamodule,
+        "module": module, "callbacks": callbacks, "loggers": loggers, "trainer": trainer,
+    }
+
+
+def read_metric_series(metrics_csv: str | Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` rows of one metric in a CSVLogger ``metrics.csv`` (empty if absent)."""
+    path = Path(metrics_csv)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
+
+
+def loss_curve(loggers: list[Any], key: str = "train/loss", window: int = 5) -> dict[str, float]:
+    """Mean of the first and of the last ``window`` logged values of ``key`` (from the CSV logger).
+
+    Returns:
+        ``{"train/loss_start": ..., "train/loss_end": ...}``, or ``{}`` without a CSV logger or values.
+    """
+    for logger in loggers:
+        if isinstance(logger, L.loggers.CSVLogger):
+            series = [v for _, v in read_metric_series(Path(logger.log_dir) / "metrics.csv", key)]
+            series = [v for v in series if math.isfinite(v)]
+            if series:
+                n = min(window, len(series))
+                return {f"{key}_start": sum(series[:n]) / n, f"{key}_end": sum(series[-n:]) / n}
+    return {}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit (and optionally test) the configured module.
+
+    Args:
+        cfg: a composed ``train`` config (``@hydra.main`` or :func:`zo2_lightning.config.compose`).
+
+    Returns:
+        ``(metrics, objects)``: the final logged metrics as floats (plus ``train/loss_start`` and
+        ``train/loss_end`` when a CSV logger ran, and ``test/...`` when ``cfg.test``), and the objects built.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    objects = build(cfg)
+    trainer: L.Trainer = objects["trainer"]
+    trainer.fit(objects["module"], datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(loss_curve(objects["loggers"]))
+    if cfg.get("test"):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        trainer.test(objects["module"], datamodule=objects["datamodule"], ckpt_path=best, weights_only=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    perf = next((c for c in objects["callbacks"] if hasattr(c, "summary")), None)
+    if perf is not None:
+        metrics.update({f"perf/run_{k}": v for k, v in perf.summary.items()})
+    return metrics, objects
+
+
+def report(metrics: dict[str, float], output_dir: str) -> str:
+    """The lines printed at the end of a run: final metrics and where the logs are."""
+    lines = [f"  {k:<32} {v:.6g}" for k, v in sorted(metrics.items())]
+    return "\n".join(["Final metrics:", *lines, f"Logs and checkpoints: {output_dir}"])
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point: run :func:`train` and print its metrics; returns ``cfg.optimized_metric`` if set."""
+    metrics, _ = train(cfg)
+    print(report(metrics, cfg.paths.output_dir))
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
