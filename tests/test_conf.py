@@ -110,12 +110,11 @@ def test_precision_policies(option):
     policy = instantiate(cfg_for(f"precision={option}").precision)
     assert isinstance(policy, PrecisionPolicy) and policy.trainer_precision in ("32-true", "bf16-mixed")
     strategy_cls = zo2_lightning.ZO2OffloadStrategy
-    try:
-        kwargs = policy.strategy_kwargs(strategy_cls)
-    except TypeError as err:  # 16-bit storage, before the strategy takes it: refused by name
-        assert "storage" in str(err) and policy.storage_dtype is not None
-    else:
-        assert all(isinstance(v, torch.dtype) for v in kwargs.values())
+    kwargs = policy.strategy_kwargs(strategy_cls)
+    assert ("storage_dtype" in kwargs) == (policy.storage_dtype is not None)
+    assert all(isinstance(v, torch.dtype) for v in kwargs.values())
+    strategy = strategy_cls(**kwargs)  # the strategy takes what the policy gives it
+    assert strategy.storage_dtype == kwargs.get("storage_dtype")
 
 
 def test_unsupported_trainer_precision_is_refused():

@@ -1,7 +1,8 @@
 """The ZO half of every zo2 strategy: the paired training step, the commit, flushes, checkpoints, refusals.
 
-``class ZO2OffloadStrategy(ZOStrategyCore, SingleDeviceStrategy)``; a distributed variant mixes the same
-core into Lightning's DDP strategy and overrides :meth:`ZOStrategyCore._reduce_losses`.
+``class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy)``: the strategy class owns placement, lifecycle and the
+process group, and overrides :meth:`ZOStrategyCore._direction_seeds` / :meth:`ZOStrategyCore._reduce_losses`
+for several ranks; this mixin owns the ZO behaviour itself.
 
 Lightning glue only: the streaming, perturbation and update live in :mod:`zo2_lightning.engine`. The core
 overrides ``training_step`` (the +eps/-eps runs in lockstep), ``backward`` (nothing to do) and drives the
@@ -31,7 +32,11 @@ from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.module import ZOModule
 from zo2_lightning.optim import ZOSGD
 
-_STORAGE_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_STORAGE_DTYPES = {
+    None: None, "fp32": None, "float32": None, torch.float32: None,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, torch.float16: torch.float16,
+}
 _CKPT_KEY = "zo2_lightning"
 _CKPT_FORMAT = 1
 
@@ -54,7 +59,7 @@ class ZOStrategyCore:
         resident_blocks: int | str,
         seed: int | None,
         max_consecutive_skips: int = 0,
-        storage_dtype: str | None = None,
+        storage_dtype: str | torch.dtype | None = None,
         offload_dir: str | None = None,
         disk_flush_every: int = 16,
         max_gpu_memory: int | None = None,
@@ -72,7 +77,7 @@ class ZOStrategyCore:
         if int(prefetch) < 0 or (resident_blocks != "auto" and int(resident_blocks) < 0):
             raise ValueError(f"prefetch ({prefetch}) and resident_blocks ({resident_blocks}) must be >= 0")
         if storage_dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype={storage_dtype!r}: choose one of {sorted(map(str, _STORAGE_DTYPES))}")
+            raise ValueError(f"storage_dtype={storage_dtype!r}: choose 'bf16', 'fp16' or None (the parameters' dtype)")
         if int(disk_flush_every) < 1:
             raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")
         self.offload_device = offload_device
@@ -281,11 +286,11 @@ class ZOStrategyCore:
     # ================================================================== checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
-        checkpoint[_CKPT_KEY] = {
-            "format": _CKPT_FORMAT,
-            "seed": self.engine.seed if self.engine is not None else self._run_seed(),
-            "skipped_steps": self.skipped_steps,
-        }
+        checkpoint.setdefault(_CKPT_KEY, {}).update(  # a strategy may have put its own entries there first
+            format=_CKPT_FORMAT,
+            seed=self.engine.seed if self.engine is not None else self._run_seed(),
+            skipped_steps=self.skipped_steps,
+        )
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override

@@ -1,0 +1,150 @@
+"""CPU: one rank with the whole batch against two gloo ranks with half of it each; bytes and time per step.
+
+    python benchmarks/distributed_scaling.py                      # 6 layers, hidden 512 (OPT-style)
+    python benchmarks/distributed_scaling.py --layers 2 --steps 6 # quick look
+
+Prints a table and appends it to benchmarks/RESULTS.md. Every run uses ``ZO2OffloadStrategy`` on the same
+model and the same total batch; the two-rank runs fork their ranks with Lightning's launcher (each rank gets
+``cores / 2`` threads, the one-rank run all cores, so the machine is the same). Per step it records the wall
+time between consecutive steps after ``--warmup``, the payload of every ``torch.distributed`` collective the
+rank issued, and the bytes the process wrote (``/proc/self/io``: gloo's socket writes, headers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from torch.utils.data import DataLoader
+from transformers import OPTConfig, OPTForCausalLM
+
+import zo2_lightning  # noqa: F401  (registers the strategy)
+from zo2_lightning import ZO2OffloadStrategy, ZOModule, ZOSGD
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+_COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier")
+
+
+class Task(ZOModule, L.LightningModule):
+    def __init__(self, model: OPTForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> ZOSGD:
+        return ZOSGD(self.parameters(), lr=1e-6, eps=1e-3)
+
+
+class StepMeter(L.Callback):
+    """On every rank: time, collective payload and bytes written between consecutive step starts."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.payload, self.marks, self.saved = 0, [], [(name, getattr(c10d, name)) for name in _COLLECTIVES]
+        for name in _COLLECTIVES:  # c10d too: broadcast_object_list & co. call these through module globals
+            original = getattr(c10d, name)
+
+            @functools.wraps(original)
+            def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                self.payload += sum(t.numel() * t.element_size() for t in tensors[-1:])
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+            setattr(c10d, name, counted)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        with open("/proc/self/io") as f:
+            written = int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
+        self.marks.append((time.perf_counter(), self.payload, written))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for name, original in self.saved:
+            setattr(dist, name, original)
+            setattr(c10d, name, original)
+        torch.save(self.marks, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def model_and_data(args: argparse.Namespace, total_batch: int) -> tuple[OPTForCausalLM, list[dict]]:
+    cfg = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                    ffn_dim=4 * args.hidden, num_attention_heads=args.hidden // 64, max_position_embeddings=2048,
+                    word_embed_proj_dim=args.hidden)
+    torch.manual_seed(0)
+    model = OPTForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (total_batch * (args.steps + args.warmup + 1), args.seq), generator=g)
+    return model, [{"input_ids": row, "labels": row} for row in ids]
+
+
+def run(args: argparse.Namespace, ranks: int, directions: str) -> dict[str, float]:
+    total = args.batch
+    model, data = model_and_data(args, total)
+    out_dir = tempfile.mkdtemp()
+    strategy = ZO2OffloadStrategy(seed=0, directions=directions, start_method="fork")
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=ranks, max_steps=args.steps + args.warmup + 1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StepMeter(out_dir)])
+    trainer.fit(Task(model), DataLoader(data, batch_size=total // ranks))
+    marks = torch.load(os.path.join(out_dir, "rank0.pt"))[args.warmup:]
+    deltas = [[b - a for a, b in zip(m0, m1)] for m0, m1 in zip(marks, marks[1:])]
+    return {
+        "step_ms": 1e3 * statistics.median(d[0] for d in deltas),
+        "payload": statistics.median(d[1] for d in deltas),
+        "written": statistics.median(d[2] for d in deltas),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8, help="total batch per step (split over the ranks)")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+
+    rows = [(f"1 rank x batch {args.batch}", run(args, 1, "shared"))]
+    rows.append((f"2 ranks x batch {args.batch // 2}, shared z", run(args, 2, "shared")))
+    rows.append((f"2 ranks x batch {args.batch // 2}, independent z", run(args, 2, "independent")))
+    base = rows[0][1]["step_ms"]
+    params = rows[0][1]["params"]
+    lines = [
+        f"### distributed_scaling ({time.strftime('%Y-%m-%d %H:%M')}, CPU, {os.cpu_count()} cores, gloo)",
+        "",
+        f"OPT-style model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {params / 1e6:.1f} M"
+        f" params ({4 * params / 2**20:.0f} MiB fp32); total batch {args.batch} x seq {args.seq}; median of"
+        f" {args.steps} steps after {args.warmup} warm-up steps",
+        "",
+        "| run | median step (ms) | step / 1-rank step | collective payload per step (B) | bytes written per step (B) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base:.3f} | {r['payload']:.0f} |"
+                     f" {r['written']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    command = "python benchmarks/distributed_scaling.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k))
+    with RESULTS.open("a") as f:
+        f.write(f"\n`{command.strip()}`\n\n{table}\n\n")
+
+
+if __name__ == "__main__":
+    main()
