@@ -79,6 +79,9 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         disk_flush_every: a block's file is rewritten every this many updates (and at a flush); in between the
             pending updates are replayed on each read.
         max_gpu_memory: the budget of ``resident_blocks="auto"`` in bytes; ``None``: 90% of the device.
+        keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
+            it again: one draw per parameter per step saved, one extra copy of the trainable parameters held on
+            the working device. For models that fit (CPU training, ``zo2_resident``), where drawing z dominates.
         directions: with several ranks, ``"shared"``: all ranks perturb along the same z and g comes from the
             mean of L+ and L- over ranks (one all-reduce): exactly MeZO on the global batch, any world size
             resumes the run. ``"independent"``: rank r draws its own directions (seeds r*q .. r*q+q-1, q from
@@ -112,6 +115,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         offload_dir: str | None = None,
         disk_flush_every: int = 16,
         max_gpu_memory: int | None = None,
+        keep_directions: bool = False,
         directions: Literal["shared", "independent"] = "shared",
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
@@ -139,7 +143,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
             start_method=start_method,
         )
         self._init_zo(offload_device, pin_memory, prefetch, resident_blocks, seed, max_consecutive_skips,
-                      storage_dtype, offload_dir, disk_flush_every, max_gpu_memory)
+                      storage_dtype, offload_dir, disk_flush_every, max_gpu_memory, keep_directions)
         self.directions = directions
         self._offload_root = offload_dir
 

@@ -63,6 +63,7 @@ class ZOStrategyCore:
         offload_dir: str | None = None,
         disk_flush_every: int = 16,
         max_gpu_memory: int | None = None,
+        keep_directions: bool = False,
     ) -> None:
         """Validate and keep the ZO options (documented on the concrete strategy)."""
         if offload_device not in ("cpu", "disk", None):
@@ -89,6 +90,7 @@ class ZOStrategyCore:
         self.offload_dir = offload_dir
         self.disk_flush_every = int(disk_flush_every)
         self.max_gpu_memory = max_gpu_memory
+        self.keep_directions = bool(keep_directions)
         self.engine = None
         self._force_copies = False  # tests: exercise the transfer path on CPU
         self._resumed_state: dict[str, Any] | None = None
@@ -116,6 +118,7 @@ class ZOStrategyCore:
             offload_dir=self.offload_dir,
             disk_flush_every=self.disk_flush_every,
             max_device_memory=self.max_gpu_memory,
+            keep_directions=self.keep_directions,
         )
         groups = [group["params"] for group in optimizer.param_groups] if optimizer is not None else []
         self.engine.attach(groups)

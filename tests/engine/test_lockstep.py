@@ -60,3 +60,34 @@ def test_q_directions_share_one_upload_and_equal_separate_pairs():
     for (tp, tm), (ap, am) in zip(together, apart):
         assert torch.equal(tp, ap) and torch.equal(tm, am)
     assert len({round(tp.item(), 7) for tp, _ in together}) == 3
+
+
+def test_kept_directions_give_the_same_bits_with_one_draw_less_per_step(monkeypatch):
+    from zo2_lightning.engine import spsa as spsa_mod
+
+    results, draws = [], []
+    for keep in (False, True):
+        counter = {"n": 0}
+        real = spsa_mod.draw_direction
+
+        def counting(out, seed, gen, real=real, counter=counter):
+            counter["n"] += out.numel()
+            return real(out, seed, gen)
+
+        monkeypatch.setattr(spsa_mod, "draw_direction", counting)
+        model, batch = tiny_models.build("opt")
+        engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, keep_directions=keep)
+        engine.attach([list(model.parameters())])
+        for step in range(3):
+            with torch.no_grad():
+                lp, lm = engine.run_pair(lambda key: tiny_models.loss(model, batch), step=step, eps=EPS)
+            if step != 1:  # step 1 is skipped, as after a non-finite loss: its kept z must be dropped
+                engine.commit(step, (lp.item() - lm.item()) / (2 * EPS), [1e-2], [0.0])
+        engine.flush()
+        assert not engine.spsa._kept
+        results.append({n: p.clone() for n, p in model.named_parameters()})
+        draws.append(counter["n"])
+        engine.detach()
+    for n in results[0]:
+        assert torch.equal(results[0][n], results[1][n]), n
+    assert draws[1] < draws[0]

@@ -49,6 +49,8 @@ class UnitSPSA:
         group_of: ``id(param) -> optimizer param group`` for every trainable parameter.
         storage_dtype: narrower host dtype of the blocks; updated values are rounded to it at once.
         stochastic_rounding: seeded stochastic rounding (True) or round-to-nearest (False, comparison only).
+        keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
+            it again: one draw per parameter per step saved, one extra copy of the trainable parameters held.
     """
 
     def __init__(
@@ -57,8 +59,11 @@ class UnitSPSA:
         group_of: dict[int, int],
         storage_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
+        keep_directions: bool = False,
     ) -> None:
         self.device = device
+        self.keep_directions = keep_directions
+        self._kept: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (unit, step, seed) -> z
         self.group_of = group_of
         self.storage_dtype = storage_dtype
         self._round = stochastic_round if stochastic_rounding else round_to_nearest
@@ -107,6 +112,8 @@ class UnitSPSA:
         z = self.views("z", unit) if z is None else z
         for d, seed in enumerate(seeds):
             self.draw(unit, step, seed, z)
+            if self.keep_directions and out is None:
+                self._kept[(unit.index, step, seed)] = [zz.clone() for zz in z]
             plus = out[(d, +1)] if out is not None else self.views((d, +1), unit)
             minus = out[(d, -1)] if out is not None else self.views((d, -1), unit)
             for seg, w, zz, pp, pm in zip(unit.segments, flats, z, plus, minus):
@@ -118,12 +125,20 @@ class UnitSPSA:
         """Apply ``commits`` in order (rounded to storage after each); True if anything changed."""
         if not commits or not unit.trainable:
             return False
-        z = self.views("z", unit)
+        scratch = self.views("z", unit)
         for c in commits:  # one at a time, rounded after each: catching up k steps late changes nothing
-            self.draw(unit, c.step, c.seed, z)
+            z = self._kept.pop((unit.index, c.step, c.seed), None)
+            if z is None:
+                z = scratch
+                self.draw(unit, c.step, c.seed, z)
             self.apply(unit, flats, z, c)
             self.round_to_storage(unit, flats, c)
         return True
+
+    def prune_kept(self, before_step: int, pending: set[tuple[int, int]]) -> None:
+        """Drop kept directions of earlier steps that no pending commit will use (a skipped update)."""
+        for key in [k for k in self._kept if k[1] < before_step and k[1:] not in pending]:
+            del self._kept[key]
 
     def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
         """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""

@@ -65,6 +65,8 @@ class ZOEngine:
         force_copies: exercise the host<->device copy path even on CPU (tests).
         storage_dtype: dtype of the blocks' host copies (``torch.bfloat16`` / ``torch.float16`` halve the bytes
             moved and stored); compute stays in the parameters' dtype.
+        keep_directions: keep each block's z until its deferred update (saves a draw per parameter per step,
+            costs one copy of the trainable block parameters on ``device``: for models that fit, e.g. on CPU).
         stochastic_rounding: narrow updated blocks to ``storage_dtype`` with seeded stochastic rounding (True)
             or round-to-nearest (False: loses MeZO-size updates; for comparison only).
     """
@@ -88,6 +90,7 @@ class ZOEngine:
         materialize: Callable[[nn.Module], None] | None = None,
         storage_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
+        keep_directions: bool = False,
     ) -> None:
         self.model = model
         self.blocks = list(blocks)
@@ -108,6 +111,7 @@ class ZOEngine:
         self._materialize = materialize
         self._flushing = False
         self._storage_dtype, self._stochastic = storage_dtype, stochastic_rounding
+        self._keep_directions = keep_directions
         if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
             raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
         self._auto_residency = resident_blocks == "auto"
@@ -145,7 +149,7 @@ class ZOEngine:
             raise RuntimeError("ZOEngine.attach() called twice")
         group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
         trainable = set(group_of)
-        self.spsa = UnitSPSA(self.device, group_of, self._storage_dtype, self._stochastic)
+        self.spsa = UnitSPSA(self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions)
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
         for b in self.model.buffers():
@@ -232,6 +236,7 @@ class ZOEngine:
         self._step, self._eps = int(step), float(eps)
         self._seeds = [int(s) for s in seeds]
         self.spsa.reserve(self.units, len(self._seeds))
+        self.spsa.prune_kept(self._step, {(c.step, c.seed) for c in self._commits})
         self._reserve_resident(len(self._seeds))
         self._prepare_resident()
         self._pair = Lockstep(self._activate, self._transition)
