@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from results import report  # benchmarks/results.py (scripts run from this folder)
+
 
 
 def _rss_now_bytes() -> int:
@@ -110,11 +110,7 @@ def main() -> None:
         f" {r['read'] / args.steps / gib:.2f} GiB |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_save:
-        with RESULTS.open("a") as f:
-            f.write(f"\n`python benchmarks/disk_offload_rss.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+    report(lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

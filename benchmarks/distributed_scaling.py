@@ -18,7 +18,6 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -29,9 +28,9 @@ from torch.utils.data import DataLoader
 from transformers import OPTConfig, OPTForCausalLM
 
 import zo2_lightning  # noqa: F401  (registers the strategy)
+from results import report  # benchmarks/results.py (scripts run from this folder)
 from zo2_lightning import ZO2OffloadStrategy, ZOModule, ZOSGD
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 _COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier")
 
 
@@ -138,12 +137,7 @@ def main() -> None:
     for name, r in rows:
         lines.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base:.3f} | {r['payload']:.0f} |"
                      f" {r['written']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    command = "python benchmarks/distributed_scaling.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k))
-    with RESULTS.open("a") as f:
-        f.write(f"\n`{command.strip()}`\n\n{table}\n\n")
+    report(lines, save=True)
 
 
 if __name__ == "__main__":

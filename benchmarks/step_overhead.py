@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 import zo2_lightning  # noqa: F401  (registers the strategy)
+from results import report  # benchmarks/results.py (scripts run from this folder)
 from zo2_lightning import ZO2OffloadStrategy, ZOModule, ZOSGD
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def build_model(layers: int, hidden: int, vocab: int, seed: int = 0) -> OPTForCausalLM:
@@ -158,13 +157,7 @@ def main() -> None:
     for name in runs:
         lines.append(f"| {name} | {1000 * med[name]:.1f} | {med['zo2_offload'] / med[name]:.3f} |"
                      f" {med['zo2_offload+keep'] / med[name]:.3f} |")
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_save:
-        with RESULTS.open("a") as f:
-            f.write(f"\n`{' '.join(['python benchmarks/step_overhead.py'] + [a for a in __import__('sys').argv[1:]])}`\n\n")
-            f.write(text + "\n")
+    report(lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

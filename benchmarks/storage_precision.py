@@ -14,16 +14,14 @@ the end of each run and appends the table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
+from results import report  # benchmarks/results.py (scripts run from this folder)
 from zo2_lightning.engine import ZOEngine, discover_blocks
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def build(seed: int = 0) -> OPTForCausalLM:
@@ -91,12 +89,7 @@ def main() -> None:
         share = (start - end) / fp32_drop if fp32_drop else float("nan")
         lines.append(f"| {name} | {start:.4f} | {end:.4f} | {end / rows['fp32'][1]:.4f} | {share:.2f} |"
                      f" {1000 * per_step:.1f} |")
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_save:
-        with RESULTS.open("a") as f:
-            f.write(f"\n`python benchmarks/storage_precision.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+    report(lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

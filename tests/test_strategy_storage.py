@@ -1,7 +1,6 @@
 """Through the Trainer: 16-bit storage and disk offload change where the weights live, not the numbers."""
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests import tiny_models
@@ -51,3 +50,13 @@ def test_disk_offload_needs_a_directory():
 def test_unknown_storage_dtype_is_refused():
     with pytest.raises(ValueError, match="'bf16', 'fp16'"):
         ZO2OffloadStrategy(storage_dtype="int8")
+
+
+def test_keep_directions_changes_nothing_but_the_draws():
+    batches = tiny_models.batches("gpt2", 3)
+    plain = TinyTask("gpt2", lr=5e-3)
+    initial = clone_model(plain)
+    kept = TinyTask(model=clone_model(plain), lr=5e-3)
+    _fit(plain, batches, 3)
+    _fit(kept, batches, 3, keep_directions=True)
+    assert_params_equal(kept.model, plain.model, initial)

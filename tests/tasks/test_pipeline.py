@@ -11,7 +11,6 @@ import torch
 
 from tests.run_helpers import (
     BOOST,
-    VOCAB,
     AnswerStub,
     MaskStub,
     TeacherStub,

@@ -64,6 +64,7 @@ class UnitSPSA:
         self.device = device
         self.keep_directions = keep_directions
         self._kept: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (unit, step, seed) -> z
+        self._spare: list[list[torch.Tensor]] = []  # kept-z buffers given back by updates, reused
         self.group_of = group_of
         self.storage_dtype = storage_dtype
         self._round = stochastic_round if stochastic_rounding else round_to_nearest
@@ -109,11 +110,15 @@ class UnitSPSA:
         z: list[torch.Tensor] | None = None,
     ) -> None:
         """theta +/- eps * z_d for every direction d, into ``out[(d, s)]`` (default: the block scratch)."""
+        keep = self.keep_directions and out is None
         z = self.views("z", unit) if z is None else z
         for d, seed in enumerate(seeds):
+            if keep:  # draw straight into a buffer that waits for the update: no extra pass
+                key = (unit.index, step, seed)
+                if key not in self._kept:
+                    self._kept[key] = self._buffers(unit)
+                z = self._kept[key]
             self.draw(unit, step, seed, z)
-            if self.keep_directions and out is None:
-                self._kept[(unit.index, step, seed)] = [zz.clone() for zz in z]
             plus = out[(d, +1)] if out is not None else self.views((d, +1), unit)
             minus = out[(d, -1)] if out is not None else self.views((d, -1), unit)
             for seg, w, zz, pp, pm in zip(unit.segments, flats, z, plus, minus):
@@ -132,13 +137,23 @@ class UnitSPSA:
                 z = scratch
                 self.draw(unit, c.step, c.seed, z)
             self.apply(unit, flats, z, c)
+            if z is not scratch:
+                self._spare.append(z)
             self.round_to_storage(unit, flats, c)
         return True
 
     def prune_kept(self, before_step: int, pending: set[tuple[int, int]]) -> None:
         """Drop kept directions of earlier steps that no pending commit will use (a skipped update)."""
         for key in [k for k in self._kept if k[1] < before_step and k[1:] not in pending]:
-            del self._kept[key]
+            self._spare.append(self._kept.pop(key))
+
+    def _buffers(self, unit: Unit) -> list[torch.Tensor]:
+        """A kept-z buffer per segment of ``unit`` (reused from finished updates when the sizes match)."""
+        shape = [(seg.dtype, seg.trainable_numel) for seg in unit.segments]
+        for k, bufs in enumerate(self._spare):
+            if [(b.dtype, b.numel()) for b in bufs] == shape:
+                return self._spare.pop(k)
+        return [torch.empty(n, dtype=dt, device=self.device) for dt, n in shape]
 
     def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
         """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""
