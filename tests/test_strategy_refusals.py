@@ -124,3 +124,14 @@ def test_zosgd_step_outside_the_strategy_is_refused():
     opt = ZOSGD(torch.nn.Linear(2, 2).parameters())
     with pytest.raises(RuntimeError, match="strategy='zo2_offload'"):
         opt.step(lambda: 0.0)
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"lr": "abc"}, "optimizer.lr="), ({"eps": None}, "optimizer.eps=")])
+def test_non_numeric_zosgd_hyperparameters_name_the_override(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        ZOSGD(torch.nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_non_numeric_strategy_options_name_the_override():
+    with pytest.raises(ValueError, match=r"prefetch must be an integer, got 'abc'.*offload.prefetch="):
+        ZO2OffloadStrategy(prefetch="abc")

@@ -72,6 +72,11 @@ class ZOSGD(torch.optim.Optimizer):
 
 
 def _check_hparams(lr: float, eps: float, weight_decay: float) -> None:
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"ZOSGD {name} must be a number, got {value!r} (on the command line: optimizer.{name}=1e-6)"
+            )
     if not lr >= 0.0:
         raise ValueError(f"ZOSGD lr must be >= 0, got {lr}; MeZO uses 1e-7 .. 1e-6")
     if not eps > 0.0:

@@ -94,6 +94,9 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         timeout: how long a collective may wait for the other ranks.
         device: the working device of a one-device run; normally filled in by ``Trainer(devices=...)``.
         cluster_environment: as for ``DDPStrategy``; normally detected (SLURM, torchrun, or local).
+        checkpoint_io: how checkpoints are written and read; ``None``:
+            :class:`zo2_lightning.checkpoint_io.AtomicCheckpointIO` (atomic, fsynced saves; weights-only loads,
+            opt out per call with ``trainer.fit(..., ckpt_path=..., weights_only=False)``).
 
     Raises:
         ValueError: for an unknown ``offload_device``, ``storage_dtype`` or ``directions``, ``"disk"`` without an

@@ -18,8 +18,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -27,6 +29,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from typing_extensions import override
 
+from zo2_lightning.checkpoint_io import AtomicCheckpointIO
 from zo2_lightning.engine import ZOEngine, direction_seed, projected_grad
 from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.module import ZOModule
@@ -75,7 +78,10 @@ class ZOStrategyCore:
             raise ValueError(
                 "disk offload needs both `offload_device='disk'` and `offload_dir='/path/on/a/local/drive'`"
             )
-        if int(prefetch) < 0 or (resident_blocks != "auto" and int(resident_blocks) < 0):
+        prefetch = _as_number(int, "prefetch", prefetch)
+        if resident_blocks != "auto":
+            resident_blocks = _as_number(int, "resident_blocks", resident_blocks)
+        if prefetch < 0 or (resident_blocks != "auto" and resident_blocks < 0):
             raise ValueError(f"prefetch ({prefetch}) and resident_blocks ({resident_blocks}) must be >= 0")
         if storage_dtype not in _STORAGE_DTYPES:
             raise ValueError(f"storage_dtype={storage_dtype!r}: choose 'bf16', 'fp16' or None (the parameters' dtype)")
@@ -296,9 +302,43 @@ class ZOStrategyCore:
         )
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        # Strategy's property would fill in TorchCheckpointIO; ours writes atomically and loads weights-only
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        elif isinstance(self._checkpoint_io, _WrappingCheckpointIO) and self._checkpoint_io.checkpoint_io is None:
+            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
+
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a checkpoint (weights-only unless ``weights_only=False``) and check it fits this run.
+
+        Raises:
+            UnsafeCheckpointError: the file needs pickled code and the caller did not pass ``weights_only=False``.
+            CorruptCheckpointError: the file is truncated or not a checkpoint.
+            ValueError: the checkpoint holds another model's parameters, or ``fit`` would resume a checkpoint
+                written by another strategy.
+        """
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        module = self.lightning_module
+        if module is not None:
+            _check_same_model(checkpoint, module, checkpoint_path)
+            trainer = getattr(module, "_trainer", None)
+            if _CKPT_KEY not in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+                raise ValueError(
+                    f"{checkpoint_path} was not written by a zo2 strategy (it has no {_CKPT_KEY!r} entry), so"
+                    " fit cannot resume it: its optimizer state and step count belong to another run and the"
+                    " ZO seed is unknown. To start ZO fine-tuning from its weights, load them and fit from"
+                    " step 0: `module.load_state_dict(torch.load(path, weights_only=True)['state_dict'])`, then"
+                    " `trainer.fit(module)` without ckpt_path."
+                )
         self._resumed_state = checkpoint.get(_CKPT_KEY)
         if self._resumed_state is not None:
             self.skipped_steps = int(self._resumed_state.get("skipped_steps", 0))
@@ -354,6 +394,39 @@ class ZOStrategyCore:
                 f"zo2_offload does not support precision={name!r}: {hint}. Use `Trainer(precision='bf16-mixed')`"
                 " (bf16 compute, fp32 masters) or `precision='32-true'`."
             )
+
+
+def _check_same_model(checkpoint: dict[str, Any], module: LightningModule, path: _PATH) -> None:
+    """Refuse, before anything is copied, a checkpoint whose parameters do not fit ``module``."""
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, dict):
+        return  # Lightning itself reports a checkpoint without weights
+    own = module.state_dict(keep_vars=True)
+    shapes = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+              for k, v in saved.items() if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
+    missing = [k for k in own if k not in saved] if module.strict_loading else []
+    unexpected = [k for k in saved if k not in own] if module.strict_loading else []
+    if shapes or missing or unexpected:
+        found = "; ".join(
+            f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for what, keys in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if keys
+        )
+        raise ValueError(
+            f"{path} was written for a different model: {found}. Build the module with the model config of the"
+            " run that wrote it (same size and architecture), or pass the checkpoint of this model."
+        )
+
+
+def _as_number(kind: type, name: str, value: Any) -> Any:
+    """``kind(value)``, or an error that names the option (a Hydra override like ``offload.prefetch=abc``)."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+            f" (on the command line: offload.{name}=2)"
+        ) from None
+
 
 def _scalar_loss(output: Any) -> Tensor:
     """The loss of a training_step output, or an error naming the fix."""
