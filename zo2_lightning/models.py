@@ -85,6 +85,47 @@ def build_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+class HostMemoryError(MemoryError):
+    """The model's parameters would not fit in the host memory available now."""
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits_in_host_memory(auto: Any, config: Any, dtype: torch.dtype) -> int:
+    """Estimate the parameters' bytes from ``config`` (built on the meta device, nothing allocated) and refuse
+    before allocating if they exceed the available host memory.
+
+    Returns:
+        The estimated parameter bytes.
+
+    Raises:
+        HostMemoryError: stating both numbers and what to change.
+    """
+    with torch.device("meta"):
+        meta = auto.from_config(config, dtype=dtype)
+    need = sum(p.numel() * p.element_size() for p in meta.parameters())
+    available = available_host_bytes()
+    building_on_host = torch.get_default_device().type == "cpu"  # not inside `with torch.device("meta")`
+    if building_on_host and available is not None and need > available:
+        gib = 2**30
+        raise HostMemoryError(
+            f"the model's parameters need {need / gib:.1f} GiB of host memory ({dtype}) but only"
+            f" {available / gib:.1f} GiB is available: pick a smaller model or a machine with more memory"
+            " (a 16-bit build, precision.model_dtype=bfloat16, halves it)."
+        )
+    return need
+
+
 def build_model(
     name_or_path: str | None = None,
     *,
@@ -118,6 +159,8 @@ def build_model(
     Raises:
         ValueError: on an unknown ``head`` or ``init``, when neither ``name_or_path`` nor ``arch`` is given, or
             when the tokenizer has more tokens than the model's vocabulary.
+        HostMemoryError: when the parameters would not fit in the available host memory (checked before
+            anything is allocated).
     """
     if head not in _HEADS:
         raise ValueError(f"head={head!r}: use one of {sorted(_HEADS)}.")
@@ -134,6 +177,7 @@ def build_model(
     if init == "pretrained":
         if not name_or_path:
             raise ValueError("init=pretrained needs name_or_path (a hub name or a local directory).")
+        check_fits_in_host_memory(auto, AutoConfig.from_pretrained(name_or_path, **overrides), torch_dtype)
         model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **overrides)
     else:
         if tokenizer == BYTES:  # a random model speaks the byte tokenizer: align its special ids
@@ -145,6 +189,7 @@ def build_model(
             config = AutoConfig.from_pretrained(name_or_path, **overrides)
         else:
             raise ValueError("init=random needs arch (+ shape) or name_or_path to take the config from.")
+        check_fits_in_host_memory(auto, config, torch_dtype)
         model = auto.from_config(config, dtype=torch_dtype)
 
     if len(tok) > model.config.vocab_size:

@@ -107,3 +107,22 @@ def test_k_shot_sampling_takes_k_per_label_for_train_and_dev():
     assert not set(train) & set(dev)
     assert (train, dev) == k_shot_sample(list(range(90)), labels, k=4, seed=13)
     assert train != k_shot_sample(list(range(90)), labels, k=4, seed=21)[0]
+
+
+def test_a_task_file_with_missing_fields_names_the_record_and_field(tmp_path):
+    from zo2_lightning.tasks.datamodules import build_examples
+
+    records = [{"premise": "p", "hypothesis": "h", "label": 0}, {"premise": "p", "label": 1}]
+    with pytest.raises(ValueError, match=r"record 1 .*'hypothesis'"):
+        build_examples(TASKS["rte"], records)
+
+
+def test_an_empty_task_file_is_refused_with_the_fix(tmp_path):
+    from zo2_lightning.models import byte_tokenizer
+    from zo2_lightning.tasks.datamodules import PromptDataModule
+
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"sentence": "a", "label": 1}) + "\n")
+    dm = PromptDataModule(task="sst2", tokenizer=byte_tokenizer(), data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no usable .*task.data_dir"):
+        dm.setup("fit")

@@ -25,9 +25,25 @@ from zo2_lightning.tasks.sampling import k_shot_sample, mezo_sample, sample_subs
 from zo2_lightning.tasks.templates import CLASSIFICATION, GENERATION, MASKED, TASKS, Example, TaskSpec
 
 
-def build_examples(spec: TaskSpec, records: list[dict]) -> list[Example]:
-    """Apply the task's template to each record, dropping the ones it rejects (unlabeled rows)."""
-    return [ex for ex in map(spec.make, records) if ex is not None]
+def build_examples(spec: TaskSpec, records: list[dict] | None) -> list[Example]:
+    """Apply the task's template to each record, dropping the ones it rejects (unlabeled rows).
+
+    Raises:
+        ValueError: a record lacks a field the template needs (names the record and the field).
+    """
+    examples = []
+    for i, record in enumerate(records or []):
+        try:
+            example = spec.make(record)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"Task {spec.name!r}: record {i} ({sorted(record)[:8]}) does not fit the task's template ({err!r})."
+                f" Each record needs the fields of the HF dataset {spec.hf[0]!r}; see"
+                " zo2_lightning/tasks/templates.py for what the template reads."
+            ) from err
+        if example is not None:
+            examples.append(example)
+    return examples
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -100,6 +116,12 @@ class PromptDataModule(L.LightningDataModule):
             return
         load = lambda split: load_split(self.spec, split, self.data_dir)  # noqa: E731
         train = build_examples(self.spec, load("train"))
+        if not train:
+            raise ValueError(
+                f"Task {self.spec.name!r}: the train split{f' in {self.data_dir}' if self.data_dir else ''} has no"
+                " usable (labeled) records: the file is empty or every record was dropped. Point task.data_dir"
+                " at the task's files."
+            )
         valid = build_examples(self.spec, load("valid"))
         if self.sampling == "mezo":
             train, dev, test = mezo_sample(
