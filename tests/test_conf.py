@@ -224,3 +224,18 @@ def test_experiments_state_their_setting(name):
     first_line = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()[1]
     assert first_line.startswith("# python -m zo2_lightning.train experiment=" + name)
 
+
+
+@pytest.mark.parametrize("override,needle", [("trainer.max_steps=abc", "trainer.max_steps must be a number"),
+                                             ("seed=abc", "seed must be an integer")])
+def test_numeric_overrides_given_as_text_name_the_fix(override, needle):
+    from zo2_lightning.train import build
+
+    with pytest.raises(ValueError, match=needle):
+        build(cfg_for(override))
+
+
+def test_the_default_config_passes_the_type_check():
+    from zo2_lightning.config import check_types
+
+    check_types(cfg_for())

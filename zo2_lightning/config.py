@@ -81,3 +81,28 @@ def accepts(node: DictConfig, name: str) -> bool:
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers (for logging it as hyperparameters)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# Trainer fields Lightning compares numerically; a string there fails deep inside Lightning with "'<' not supported".
+_NUMERIC_TRAINER_FIELDS = (
+    "max_steps", "min_steps", "max_epochs", "min_epochs", "accumulate_grad_batches", "log_every_n_steps",
+    "num_sanity_val_steps", "check_val_every_n_epoch", "gradient_clip_val", "val_check_interval",
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "num_nodes",
+)
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Refuse, with the override to fix, numeric run settings that arrived as text (``trainer.max_steps=abc``).
+
+    Raises:
+        ValueError: naming the key, the value and an example of the right form.
+    """
+    trainer = cfg.get("trainer") or {}
+    for key in _NUMERIC_TRAINER_FIELDS:
+        value = trainer.get(key) if key in trainer else None
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            continue
+        raise ValueError(f"trainer.{key} must be a number, got {value!r}: e.g. `trainer.{key}=100`")
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer, got {seed!r}: e.g. `seed=42`")

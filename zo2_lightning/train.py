@@ -21,7 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 import zo2_lightning  # noqa: F401  (registers the strategy names)
-from zo2_lightning.config import CONF_DIR, accepts, instantiate_each, to_plain
+from zo2_lightning.config import CONF_DIR, accepts, check_types, instantiate_each, to_plain
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -33,7 +33,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         ``precision``, ``model``, ``tokenizer``, ``datamodule``, ``module``, ``callbacks``, ``loggers``,
         ``trainer``.
+
+    Raises:
+        ValueError: for a numeric setting given as text (``trainer.max_steps=abc``), naming the override.
     """
+    check_types(cfg)
     precision = instantiate(cfg.precision)
     bundle = instantiate(cfg.model, _convert_="all")
     extra = {"tokenizer": bundle.tokenizer} if accepts(cfg.task, "tokenizer") else {}
