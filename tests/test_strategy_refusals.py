@@ -135,3 +135,10 @@ def test_non_numeric_zosgd_hyperparameters_name_the_override(kwargs, needle):
 def test_non_numeric_strategy_options_name_the_override():
     with pytest.raises(ValueError, match=r"prefetch must be an integer, got 'abc'.*offload.prefetch="):
         ZO2OffloadStrategy(prefetch="abc")
+
+
+def test_an_unknown_preset_or_option_is_named_in_the_error():
+    with pytest.raises(ValueError, match="strategy='zo2_ofload'"):
+        L.Trainer(strategy="zo2_ofload", accelerator="cpu", logger=False)
+    with pytest.raises(TypeError, match="'prefech'"):
+        ZO2OffloadStrategy(prefech=2)
