@@ -256,32 +256,13 @@ class ZOStrategyCore:
         if self.engine is not None:
             self.engine.flush()
 
-    @override
-    def on_validation_start(self) -> None:
-        self._flush()
-
-    @override
-    def on_test_start(self) -> None:
-        self._flush()
-
-    @override
-    def on_predict_start(self) -> None:
-        self._flush()
-
-    @override
-    def on_validation_end(self) -> None:
+    def _release_blocks(self) -> None:
         if self.engine is not None:
-            self.engine.release_blocks()
+            self.engine.release_blocks()  # what an evaluation left on the device
 
-    @override
-    def on_test_end(self) -> None:
-        if self.engine is not None:
-            self.engine.release_blocks()
-
-    @override
-    def on_predict_end(self) -> None:
-        if self.engine is not None:
-            self.engine.release_blocks()
+    # evaluation loops: the weights are flushed before they are read, and the device is freed afterwards
+    on_validation_start = on_test_start = on_predict_start = override(_flush)
+    on_validation_end = on_test_end = on_predict_end = override(_release_blocks)
 
     @override
     def on_train_end(self) -> None:
