@@ -40,12 +40,18 @@ def seed_index(model: nn.Module, trainable: set[int] | None = None) -> dict[str,
     return index
 
 
-def directions(model: nn.Module, seed: int, step: int, index: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def directions(
+    model: nn.Module, seed: int, step: int, index: dict[str, tuple[int, int]], distribution: str = "gaussian"
+) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     out = {}
     for n, (unit, j) in index.items():
         g = torch.Generator().manual_seed(derive_seed(seed, step, unit, j))
-        out[n] = torch.randn(params[n].shape, generator=g, dtype=params[n].dtype)
+        shape, dtype = params[n].shape, params[n].dtype
+        if distribution == "gaussian":
+            out[n] = torch.randn(shape, generator=g, dtype=dtype)
+        else:  # rademacher
+            out[n] = (2 * torch.randint(0, 2, shape, generator=g) - 1).to(dtype)
     return out
 
 
@@ -80,6 +86,8 @@ def mezo_reference(
     clip: float | None = None,
     lr_of: dict[str, float] | None = None,
     q: int = 1,
+    distribution: str = "gaussian",
+    sign: bool = False,
 ) -> list[tuple[float, float, float]]:
     """Run MeZO in place on ``model`` (eval mode); one step per ``micro_batches`` batches.
 
@@ -89,6 +97,8 @@ def mezo_reference(
         lr_of: per-parameter-name learning rates (param groups); overrides ``lr``.
         q: directions per step (q-SPSA); direction k uses run seed ``direction_seed(seed, k)`` and the step
             applies ``-lr * (g_k / q) * z_k`` for k = 0..q-1 in turn.
+        distribution: of z, ``"gaussian"`` or ``"rademacher"``.
+        sign: ZO-SGD-Sign: the update uses sign(g) instead of g.
 
     Returns:
         (L+, L-, g) per step, with g averaged over the micro-batches of the step.
@@ -102,7 +112,7 @@ def mezo_reference(
         step_lr = lr[k] if isinstance(lr, Sequence) else lr
         updates = []
         for d in range(q):
-            z = directions(model, direction_seed(seed, d), step, index)
+            z = directions(model, direction_seed(seed, d), step, index, distribution)
             gs, lps, lms = [], [], []
             for batch in batches[k * micro_batches : (k + 1) * micro_batches]:
                 lp = perturbed_loss(model, batch, loss_fn, z, eps).item()
@@ -113,7 +123,8 @@ def mezo_reference(
             g = sum(gs) / len(gs)
             if clip is not None:
                 g = max(-clip, min(clip, g))
-            updates.append((g / q if q > 1 else g, z))
+            used = float((g > 0) - (g < 0)) if sign else g
+            updates.append((used / q if q > 1 else used, z))
             history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
         for g, z in updates:
             for n in index:

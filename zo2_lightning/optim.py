@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from zo2_lightning.engine.seeds import DISTRIBUTIONS
+
 
 class ZOSGD(torch.optim.Optimizer):
     """MeZO-SGD: ``theta <- theta - lr * (g * z + weight_decay * theta)`` with the SPSA estimate ``g``.
@@ -30,18 +32,28 @@ class ZOSGD(torch.optim.Optimizer):
         weight_decay: decoupled L2 coefficient as in MeZO.
         q: directions per step (q-SPSA): the update averages q two-point estimates, each along its own z,
             for 2q forwards per step. q=1 is MeZO.
+        direction: distribution of z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1, as in ZO-Bench).
 
     Raises:
-        ValueError: on ``lr < 0``, ``eps <= 0``, ``weight_decay < 0`` or ``q < 1``.
+        ValueError: on ``lr < 0``, ``eps <= 0``, ``weight_decay < 0``, ``q < 1`` or an unknown ``direction``.
     """
 
     def __init__(
-        self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        q: int = 1,
+        direction: str = "gaussian",
     ) -> None:
         _check_hparams(lr, eps, weight_decay)
         if int(q) != q or q < 1:
             raise ValueError(f"ZOSGD q (directions per step) must be an integer >= 1, got {q}")
+        if direction not in DISTRIBUTIONS:
+            raise ValueError(f"ZOSGD direction={direction!r}: use one of {DISTRIBUTIONS}")
         self.q = int(q)
+        self.direction = direction
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         eps_values = {group["eps"] for group in self.param_groups}
         if len(eps_values) > 1:
@@ -60,6 +72,10 @@ class ZOSGD(torch.optim.Optimizer):
             _check_hparams(lr, self.eps, wd)
         return lrs, wds
 
+    def transform_grad(self, g: float) -> float:
+        """The scalar the update multiplies z by, from the projected gradient ``g`` (MeZO-SGD: ``g`` itself)."""
+        return g
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run ``closure`` (the paired training step) and the ZO update, through the strategy that drives us."""
@@ -69,6 +85,17 @@ class ZOSGD(torch.optim.Optimizer):
                 " use `Trainer(strategy='zo2_offload')` and return ZOSGD from `configure_optimizers`."
             )
         return self._zo_step(closure)
+
+
+class ZOSGDSign(ZOSGD):
+    """ZO-SGD-Sign (ZO-Bench, arXiv 2402.11592): ``theta <- theta - lr * (sign(g) * z + weight_decay * theta)``.
+
+    The step length no longer scales with the noisy magnitude of g, only its sign is used; no extra memory.
+    Arguments as :class:`ZOSGD`.
+    """
+
+    def transform_grad(self, g: float) -> float:
+        return float((g > 0) - (g < 0))
 
 
 def _check_hparams(lr: float, eps: float, weight_decay: float) -> None:

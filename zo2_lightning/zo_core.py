@@ -125,6 +125,7 @@ class ZOStrategyCore:
             disk_flush_every=self.disk_flush_every,
             max_device_memory=self.max_gpu_memory,
             keep_directions=self.keep_directions,
+            distribution=optimizer.direction if optimizer is not None else "gaussian",
         )
         groups = [group["params"] for group in optimizer.param_groups] if optimizer is not None else []
         self.engine.attach(groups)
@@ -201,6 +202,7 @@ class ZOStrategyCore:
             for seed, g in grads.items():
                 if clip:
                     g = max(-float(clip), min(float(clip), g))
+                g = optimizer.transform_grad(g)
                 self.engine.commit(trainer.global_step, g / q if q > 1 else g, lrs, wds, seed=seed)
         else:
             self._skip_non_finite(trainer.global_step, values)

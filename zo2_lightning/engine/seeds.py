@@ -53,8 +53,21 @@ def direction_seed(run_seed: int, direction: int) -> int:
     return derive_seed(run_seed, -1, direction, -1)
 
 
-def draw_direction(out: torch.Tensor, seed: int, generator: torch.Generator) -> torch.Tensor:
-    """Fill ``out`` with standard normal samples from ``seed``; the same values as
-    ``torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), dtype=out.dtype)``."""
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+def draw_direction(
+    out: torch.Tensor, seed: int, generator: torch.Generator, distribution: str = "gaussian"
+) -> torch.Tensor:
+    """Fill ``out`` with a direction drawn from ``seed``.
+
+    ``"gaussian"``: standard normal, the same values as ``torch.randn(out.shape, generator=
+    torch.Generator(out.device).manual_seed(seed), dtype=out.dtype)``. ``"rademacher"``: +1 / -1 with equal
+    probability, ``2 * torch.randint(0, 2, out.shape, generator=...) - 1`` cast to ``out.dtype``.
+    """
     generator.manual_seed(seed)
-    return out.normal_(generator=generator)
+    if distribution == "gaussian":
+        return out.normal_(generator=generator)
+    if distribution == "rademacher":
+        return out.random_(0, 2, generator=generator).mul_(2).sub_(1)
+    raise ValueError(f"distribution={distribution!r}: use one of {DISTRIBUTIONS}")

@@ -51,6 +51,7 @@ class UnitSPSA:
         stochastic_rounding: seeded stochastic rounding (True) or round-to-nearest (False, comparison only).
         keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
             it again: one draw per parameter per step saved, one extra copy of the trainable parameters held.
+        distribution: of z, ``"gaussian"`` (MeZO) or ``"rademacher"`` (see :func:`.seeds.draw_direction`).
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class UnitSPSA:
         storage_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
         keep_directions: bool = False,
+        distribution: str = "gaussian",
     ) -> None:
         self.device = device
+        self.distribution = distribution
         self.keep_directions = keep_directions
         self._kept: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (unit, step, seed) -> z
         self._spare: list[list[torch.Tensor]] = []  # kept-z buffers given back by updates, reused
@@ -97,7 +100,7 @@ class UnitSPSA:
     def draw(self, unit: Unit, step: int, seed: int, z: list[torch.Tensor]) -> None:
         """z of every trainable tensor of ``unit`` for (seed, step), into ``z`` (one flat per segment)."""
         for j, zz in enumerate(unit.trainable_views(z)):
-            draw_direction(zz, derive_seed(seed, step, unit.index, j), self.generator)
+            draw_direction(zz, derive_seed(seed, step, unit.index, j), self.generator, self.distribution)
 
     def perturb(
         self,

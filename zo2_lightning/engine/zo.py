@@ -65,6 +65,7 @@ class ZOEngine:
         force_copies: exercise the host<->device copy path even on CPU (tests).
         storage_dtype: dtype of the blocks' host copies (``torch.bfloat16`` / ``torch.float16`` halve the bytes
             moved and stored); compute stays in the parameters' dtype.
+        distribution: of the directions z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1).
         keep_directions: keep each block's z until its deferred update (saves a draw per parameter per step,
             costs one copy of the trainable block parameters on ``device``: for models that fit, e.g. on CPU).
         stochastic_rounding: narrow updated blocks to ``storage_dtype`` with seeded stochastic rounding (True)
@@ -91,6 +92,7 @@ class ZOEngine:
         storage_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
         keep_directions: bool = False,
+        distribution: str = "gaussian",
     ) -> None:
         self.model = model
         self.blocks = list(blocks)
@@ -112,6 +114,7 @@ class ZOEngine:
         self._flushing = False
         self._storage_dtype, self._stochastic = storage_dtype, stochastic_rounding
         self._keep_directions = keep_directions
+        self.distribution = distribution
         if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
             raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
         self._auto_residency = resident_blocks == "auto"
@@ -149,7 +152,9 @@ class ZOEngine:
             raise RuntimeError("ZOEngine.attach() called twice")
         group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
         trainable = set(group_of)
-        self.spsa = UnitSPSA(self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions)
+        self.spsa = UnitSPSA(
+            self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions, self.distribution
+        )
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
         for b in self.model.buffers():
