@@ -1,6 +1,7 @@
 """SPSA on units: directions drawn per tensor, perturbed copies, and commits applied to flat buffers.
 
-``spsa = UnitSPSA(device, group_of, storage_dtype=None)``; ``spsa.perturb(unit, flats, step, eps, seeds)``,
+``spsa = UnitSPSA(device, group_of, storage_dtype=None)``; ``spsa.size_for(units)``; ``spsa.reserve(q)``;
+``spsa.perturb(unit, flats, step, eps, seeds)``,
 ``spsa.catch_up(unit, flats, commits)``
 
 The engine decides *when* (block arrivals, flushes) and *where* (device slots); this module does the
@@ -76,11 +77,14 @@ class UnitSPSA:
         self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or a RunKey
 
     # ------------------------------------------------------------------ scratch
-    def reserve(self, units: Sequence[Unit], q: int = 1) -> None:
-        """Scratch for z and 2q perturbed copies of the largest trainable part of any of ``units``."""
+    def size_for(self, units: Sequence[Unit]) -> None:
+        """Size the scratch for the largest trainable part of any of ``units`` (once, at attach)."""
         for unit in units:
             for seg in unit.segments:
                 self._sizes[seg.dtype] = max(self._sizes.get(seg.dtype, 0), seg.trainable_numel)
+
+    def reserve(self, q: int = 1) -> None:
+        """Scratch for z and 2q perturbed copies (allocated once per new q; a no-op after)."""
         for key in ["z", *run_keys(q)]:
             bufs = self._scratch.setdefault(key, {})
             for dt, n in self._sizes.items():

@@ -122,7 +122,7 @@ class BlockStreamer:
         n_slots = self.prefetch_depth + 2  # the block in use, the one being released, and the prefetched ones
         self._slots = [self._new_slot(sizes) for _ in range(n_slots)]
         for i in sorted(self.resident):
-            slot = self._new_slot({seg.dtype: seg.numel for seg in self.units[i].segments})
+            slot = self._own_slot(i)
             self._upload(i, slot)
             self._resident_slots[i] = slot
 
@@ -152,8 +152,16 @@ class BlockStreamer:
         for i, unit in enumerate(self.units):
             if i in self._active or i in self.resident:
                 continue
-            maps = self.disk.map(i, [self._host_dtype(s.dtype) for s in unit.segments], [s.numel for s in unit.segments])
-            unit.bind(maps)
+            unit.bind(self._map(i))
+
+    def _map(self, i: int) -> list[torch.Tensor]:
+        """Copy-on-write maps of block ``i``'s file, one per segment (disk offload)."""
+        segs = self.units[i].segments
+        return self.disk.map(i, [self._host_dtype(s.dtype) for s in segs], [s.numel for s in segs])
+
+    def _own_slot(self, i: int) -> _DeviceSlot:
+        """A device slot sized for block ``i`` alone (a resident block)."""
+        return self._new_slot({seg.dtype: seg.numel for seg in self.units[i].segments})
 
     def _new_slot(self, sizes: dict[torch.dtype, int]) -> _DeviceSlot:
         return _DeviceSlot({dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items()})
@@ -163,7 +171,7 @@ class BlockStreamer:
         self.sync_host()
         for i, (unit, flats) in enumerate(zip(self.units, self.host)):
             if flats is None:  # disk: file-backed maps, copied only where the dtype widens
-                flats = self.disk.map(i, [self._host_dtype(s.dtype) for s in unit.segments], [s.numel for s in unit.segments])
+                flats = self._map(i)
             for seg, flat in zip(unit.segments, flats):
                 for slot in seg.slots:
                     view = slot.view(flat)
@@ -236,7 +244,7 @@ class BlockStreamer:
                 cached = self._on_device.pop(i)
                 cached.block = None
                 self._prefetched.discard(i)
-            slot = self._new_slot({seg.dtype: seg.numel for seg in self.units[i].segments})
+            slot = self._own_slot(i)
             self.resident.add(i)
             self._upload(i, slot)
             self._resident_slots[i] = slot

@@ -178,7 +178,8 @@ class ZOEngine:
         self.resident = Unit.build(RESIDENT_UNIT, [p for p in res_params if id(p) in trainable], trainable)
         self._res_w = self.resident.pack(self.device)
         self.resident.bind(self._res_w)
-        self.spsa.reserve(self.units)
+        self.spsa.size_for(self.units)
+        self.spsa.reserve(1)
         self._res_z = [torch.empty_like(w) for w in self._res_w]  # resident: trainable parameters only
         self._reserve_resident(1)
         for i, block in enumerate(self.blocks):
@@ -240,7 +241,7 @@ class ZOEngine:
         self._release_all()
         self._step, self._eps = int(step), float(eps)
         self._seeds = [int(s) for s in seeds]
-        self.spsa.reserve(self.units, len(self._seeds))
+        self.spsa.reserve(len(self._seeds))
         self.spsa.prune_kept(self._step, {(c.step, c.seed) for c in self._commits})
         self._reserve_resident(len(self._seeds))
         self._prepare_resident()
