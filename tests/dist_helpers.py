@@ -101,18 +101,19 @@ class RankRecorder(L.Callback):
 
 
 class QTask(TinyTask):
-    """TinyTask with ZOSGD(q=...) and a causal-LM loss in the model's dtype (HF's own upcasts to float32 only)."""
+    """TinyTask with ZOSGD(q=...) (or another ZO optimizer class) and a causal-LM loss in the model's dtype (HF's own upcasts to float32 only)."""
 
-    def __init__(self, *args: Any, q: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, q: int = 1, optimizer: type[ZOSGD] = ZOSGD, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.q = q
+        self.q, self.optimizer_cls = q, optimizer
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"]).logits  # (B, T, V)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
 
     def configure_optimizers(self) -> Any:
-        return ZOSGD(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, q=self.q)
+        q = {"q": self.q} if self.q != 1 else {}
+        return self.optimizer_cls(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, **q)
 
 
 #: the equivalence fits: eps large enough that the float32 rounding of the losses (see tests/test_distributed.py)

@@ -88,6 +88,10 @@ def mezo_reference(
     q: int = 1,
     distribution: str = "gaussian",
     sign: bool = False,
+    one_sided: bool = False,
+    torch_optimizer=None,
+    conservative: bool = False,
+    choices: list[int] | None = None,
 ) -> list[tuple[float, float, float]]:
     """Run MeZO in place on ``model`` (eval mode); one step per ``micro_batches`` batches.
 
@@ -99,6 +103,12 @@ def mezo_reference(
             applies ``-lr * (g_k / q) * z_k`` for k = 0..q-1 in turn.
         distribution: of z, ``"gaussian"`` or ``"rademacher"``.
         sign: ZO-SGD-Sign: the update uses sign(g) instead of g.
+        one_sided: g = (L(theta + eps z) - L(theta)) / eps; L- in the history is then L(theta).
+        torch_optimizer: ``params -> torch.optim.Optimizer`` (e.g. SGD with momentum, Adam; ``foreach=False``):
+            the update is that optimizer's ``step()`` with ``p.grad = g * z`` (lr and weight decay are its own).
+        conservative: ZO-SGD-Cons: the losses at theta - u, theta and theta + u (u = lr * (g z + wd theta)) on
+            the step's batch decide which is kept (ties: the step, then none); the choice of each step is
+            appended to ``choices`` as +1 / 0 / -1.
 
     Returns:
         (L+, L-, g) per step, with g averaged over the micro-batches of the step.
@@ -106,6 +116,7 @@ def mezo_reference(
     model.eval()
     index = seed_index(model)
     params = dict(model.named_parameters())
+    opt = torch_optimizer([params[n] for n in index]) if torch_optimizer is not None else None
     history = []
     for k in range(len(batches) // micro_batches):
         step = start_step + k
@@ -116,8 +127,12 @@ def mezo_reference(
             gs, lps, lms = [], [], []
             for batch in batches[k * micro_batches : (k + 1) * micro_batches]:
                 lp = perturbed_loss(model, batch, loss_fn, z, eps).item()
-                lm = perturbed_loss(model, batch, loss_fn, z, -eps).item()
-                gs.append((lp - lm) / (2 * eps))
+                if one_sided:
+                    lm = loss_fn(model, batch).item()
+                    gs.append((lp - lm) / eps)
+                else:
+                    lm = perturbed_loss(model, batch, loss_fn, z, -eps).item()
+                    gs.append((lp - lm) / (2 * eps))
                 lps.append(lp)
                 lms.append(lm)
             g = sum(gs) / len(gs)
@@ -126,8 +141,28 @@ def mezo_reference(
             used = float((g > 0) - (g < 0)) if sign else g
             updates.append((used / q if q > 1 else used, z))
             history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
+        sign_of_lr = 1
+        if conservative:  # q = 1: one update (g, z)
+            (g, z), step_batch = updates[0], batches[(k + 1) * micro_batches - 1]
+            losses = []
+            for s in (+1, 0, -1):
+                cand = {n: _sgd(params[n], z, g, s * (lr_of[n] if lr_of else step_lr), weight_decay, n)
+                        for n in index} if s else {}
+                losses.append(loss_fn(_Call(model, {**dict(model.named_parameters()), **cand}), step_batch).item())
+            choice = min(zip(losses, (1, 0, -1)), key=lambda lc: lc[0])[1]
+            choices.append(choice)
+            updates, sign_of_lr = (updates if choice else []), choice or 1
         for g, z in updates:
+            if opt is not None:
+                for n in index:
+                    params[n].grad = torch.mul(z[n], g)
+                opt.step()
+                continue
             for n in index:
-                p, r = params[n], (lr_of[n] if lr_of is not None else step_lr)
-                p.data = p - r * (g * z[n] + weight_decay * p) if weight_decay else p - r * (g * z[n])
+                r = sign_of_lr * (lr_of[n] if lr_of is not None else step_lr)
+                params[n].data = _sgd(params[n], z, g, r, weight_decay, n)
     return history
+
+
+def _sgd(p: torch.Tensor, z: dict[str, torch.Tensor], g: float, r: float, weight_decay: float, n: str) -> torch.Tensor:
+    return p - r * (g * z[n] + weight_decay * p) if weight_decay else p - r * (g * z[n])

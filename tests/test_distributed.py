@@ -21,7 +21,7 @@ from torch.utils.data import RandomSampler
 from tests import dist_helpers as dh
 from tests import dist_script
 from tests.lit_helpers import SEED
-from zo2_lightning import ZO2OffloadStrategy
+from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGDCons
 
 STEPS = 3
 # 2 ranks with batch B against 1 rank with 2B, in float64: the one rounding that the reduction order cannot avoid
@@ -88,6 +88,26 @@ def test_two_ranks_on_the_same_batches_equal_one_rank_bitwise(tmp_path):
     for name, p in rank0.items():
         assert not torch.equal(p, start[name]), name
         assert torch.equal(p, expected[name]), f"{name}: max diff {(p - expected[name]).abs().max()}"
+
+
+@pytest.mark.parametrize("optimizer", [ZOAdam, ZOSGDCons], ids=["adam", "cons"])
+def test_stateful_and_conservative_variants_on_two_ranks_equal_one_rank_bitwise(optimizer, tmp_path):
+    """Adam's moments evolve identically on every rank; Cons's trial losses are reduced like L+ and L-."""
+    task = dh.task(optimizer=optimizer)
+    initial = copy.deepcopy(task.model)
+    data = dh.loader(dh.examples(6), 2)
+    rank0, rank1 = (r["params"] for r in dh.fit_ranks(tmp_path, task, data, max_steps=STEPS,
+                                                      use_distributed_sampler=False))
+    expected = dh.fit_one(dh.task(copy.deepcopy(initial), optimizer=optimizer), data, max_steps=STEPS)
+    for name, p in rank0.items():
+        assert torch.equal(p, expected[name]) and torch.equal(p, rank1[name]), name
+    assert any(not torch.equal(p, dict(initial.named_parameters())[n]) for n, p in rank0.items())
+
+
+def test_independent_directions_refuse_stateful_variants(tmp_path):
+    with pytest.raises(Exception, match="directions='shared'"):
+        dh.fit_ranks(tmp_path, dh.task(optimizer=ZOAdam), dh.loader(dh.examples(4), 2), max_steps=1,
+                     directions="independent", use_distributed_sampler=False)
 
 
 @pytest.mark.parametrize("run", ["shared_run", "independent_run"])

@@ -66,3 +66,23 @@ def test_fit_on_cuda_streams_and_returns_the_module_to_the_cpu():
     )
     assert all(p.device.type == "cpu" for p in task.parameters())
     assert all(torch.isfinite(p).all() for p in task.parameters())
+
+
+def test_adam_state_kept_on_the_host_equals_state_kept_on_the_device():
+    """Streamed blocks keep ZO-Adam's moments in pinned host memory and bring them up for each update: the run
+    equals the all-on-device one (offload=None), where the moments never move, bitwise."""
+    from tests.lit_helpers import clone_model
+    from zo2_lightning import ZO2OffloadStrategy, ZOAdam
+
+    class Task(TinyTask):
+        def configure_optimizers(self):
+            return ZOAdam(self.parameters(), lr=1e-3, eps=EPS)
+
+    batches = tiny_models.batches("llama", 3)
+    streamed = Task("llama")
+    resident = Task("llama", model=clone_model(streamed))
+    for task, offload in ((streamed, "cpu"), (resident, None)):
+        strategy = ZO2OffloadStrategy(seed=SEED, offload_device=offload)
+        trainer(strategy=strategy, accelerator="gpu", max_steps=3).fit(task, loader(batches))
+    for (n, p), (_, q) in zip(streamed.model.named_parameters(), resident.model.named_parameters()):
+        assert torch.equal(p.cpu(), q.cpu()), n

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
-from zo2_lightning import ZOSGD, ZOSGDSign
+from zo2_lightning import ZO2OffloadStrategy, ZOSGD, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
 from zo2_lightning.engine import draw_direction
 
 EPS = 1e-3
@@ -46,3 +47,136 @@ def test_rademacher_directions_are_plus_or_minus_one_and_balanced():
 def test_an_unknown_direction_distribution_is_refused():
     with pytest.raises(ValueError, match="rademacher"):
         ZOSGD(torch.nn.Linear(2, 2).parameters(), direction="uniform")
+
+
+# ---------------------------------------------------------------------------------------- stateful rules
+def _torch_sgd_momentum(params):
+    return torch.optim.SGD(params, lr=5e-3, momentum=0.9, weight_decay=0.01, foreach=False)
+
+
+def _torch_adam(params):
+    return torch.optim.Adam(params, lr=5e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, foreach=False)
+
+
+STATEFUL = [
+    (ZOSGDMomentum, {"momentum": 0.9, "weight_decay": 0.01}, _torch_sgd_momentum),
+    (ZOAdam, {"betas": (0.8, 0.99), "adam_eps": 1e-6, "weight_decay": 0.01}, _torch_adam),
+]
+
+
+@pytest.mark.parametrize("optimizer_cls,opt_kwargs,torch_opt", STATEFUL, ids=["momentum", "adam"])
+def test_stateful_variants_equal_torch_optim_stepping_on_g_times_z(optimizer_cls, opt_kwargs, torch_opt):
+    """3 streamed steps (host copies, deferred updates) == torch.optim.SGD(momentum) / Adam with p.grad = g * z."""
+    batches = tiny_models.batches("llama", 3)
+    task = _task(optimizer_cls, **opt_kwargs)
+    expected, initial = clone_model(task), clone_model(task)
+    trainer(max_steps=3).fit(task, loader(batches))
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3,
+                             torch_optimizer=torch_opt)
+    assert_params_equal(task.model, expected, initial)
+
+
+def test_adam_with_param_groups_of_their_own_lr_equals_torch_adam():
+    batches = tiny_models.batches("qwen2", 2)
+
+    class TwoGroups(TinyTask):
+        def configure_optimizers(self):
+            head = [p for n, p in self.named_parameters() if "layers" not in n]
+            body = [p for n, p in self.named_parameters() if "layers" in n]
+            return ZOAdam([{"params": body}, {"params": head, "lr": 2e-3}], lr=1e-2, eps=EPS)
+
+    task = TwoGroups("qwen2")
+    expected = clone_model(task)
+    trainer(max_steps=2).fit(task, loader(batches))
+
+    def torch_adam(params):  # the same grouping, in seed_index order
+        names = {id(p): n for n, p in expected.named_parameters()}
+        body = [p for p in params if "layers" in names[id(p)]]
+        head = [p for p in params if "layers" not in names[id(p)]]
+        return torch.optim.Adam([{"params": body}, {"params": head, "lr": 2e-3}], lr=1e-2, foreach=False)
+
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=0.0,
+                             torch_optimizer=torch_adam)
+    assert_params_equal(task.model, expected)
+
+
+def test_adam_fit_2_checkpoint_resume_2_equals_fit_4_bitwise(tmp_path):
+    """The moments and the update count travel in the checkpoint: resuming continues Adam exactly."""
+    batches = tiny_models.batches("llama", 2)
+    uninterrupted = _task(ZOAdam)
+    initial = clone_model(uninterrupted)
+    trainer(max_steps=4).fit(uninterrupted, loader(batches))
+
+    first = _task(ZOAdam)
+    first.model.load_state_dict(initial.state_dict())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer(max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(first, loader(batches))
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=True)["zo2_lightning"]["rule_state"]
+    assert saved["rule"] == "adam" and saved["updates"] == 2
+
+    resumed = _task(ZOAdam)
+    trainer(max_steps=4).fit(resumed, loader(batches), ckpt_path=tmp_path / "step=2.ckpt")
+    assert_params_equal(resumed.model, uninterrupted.model, initial)
+
+
+def test_resuming_with_another_rule_is_refused(tmp_path):
+    batches = tiny_models.batches("opt", 2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, filename="last")
+    trainer(max_steps=1, enable_checkpointing=True, callbacks=[ckpt]).fit(_task(ZOAdam), loader(batches))
+    with pytest.raises(ValueError, match="'adam' update rule"):
+        trainer(max_steps=2).fit(_task(ZOSGDMomentum), loader(batches), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_adam_with_disk_offload_writes_every_update_and_equals_torch_adam(tmp_path):
+    batches = tiny_models.batches("gpt2", 3)
+    task = _task(ZOAdam)
+    expected = clone_model(task)
+    strategy = ZO2OffloadStrategy(seed=SEED, offload_device="disk", offload_dir=str(tmp_path), disk_flush_every=8)
+    trainer(strategy=strategy, max_steps=3).fit(task, loader(batches))
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3,
+                             torch_optimizer=lambda ps: torch.optim.Adam(ps, lr=5e-3, foreach=False))
+    assert_params_equal(task.model, expected)
+
+
+@pytest.mark.parametrize("optimizer_cls", [ZOSGDMomentum, ZOAdam])
+def test_stateful_variants_refuse_q_above_one(optimizer_cls):
+    with pytest.raises(ValueError, match="q=1"):
+        optimizer_cls(torch.nn.Linear(2, 2).parameters(), q=2)
+
+
+# ---------------------------------------------------------------------------------------- one-sided, Cons
+@pytest.mark.parametrize("q", [1, 2])
+def test_one_sided_estimate_equals_the_forward_difference(q):
+    batches = tiny_models.batches("opt", 3)
+    task = _task(ZOSGD, one_sided=True, q=q)
+    expected, initial = clone_model(task), clone_model(task)
+    trainer(max_steps=3).fit(task, loader(batches))
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3, q=q, one_sided=True)
+    assert_params_equal(task.model, expected, initial)
+
+
+def test_conservative_steps_equal_the_plain_torch_rule_and_take_every_branch():
+    """Cons keeps the best of (step, none, reversed) on the batch; a large lr makes all three happen."""
+    batches = tiny_models.batches("llama", 8)
+
+    class Task(TinyTask):
+        def configure_optimizers(self):
+            return ZOSGDCons(self.parameters(), lr=LR_CONS, eps=EPS, weight_decay=0.01)
+
+    task = Task("llama")
+    expected = clone_model(task)
+    trainer(max_steps=8).fit(task, loader(batches))
+    choices: list[int] = []
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=LR_CONS,
+                             weight_decay=0.01, conservative=True, choices=choices)
+    assert set(choices) == {1, 0, -1}, f"choices {choices}: the test would not cover every branch"
+    assert_params_equal(task.model, expected)
+
+
+LR_CONS = 0.05  # large enough that some steps overshoot (-1 or 0), small enough that some help (+1)
+
+
+def test_conservative_step_refuses_gradient_accumulation():
+    task = _task(ZOSGDCons)
+    with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
+        trainer(max_steps=1, accumulate_grad_batches=2).fit(task, loader(tiny_models.batches("opt", 2)))

@@ -49,6 +49,14 @@ def mean_over_ranks(measured: Losses, device: torch.device) -> Losses:
     return _unpack(packed, list(measured))
 
 
+def mean_values_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """The mean over ranks of a few scalars (a conservative step's trial losses), by one all-reduce of float64."""
+    packed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed /= dist.get_world_size()
+    return [float(v) for v in packed.cpu().tolist()]
+
+
 def gather_over_ranks(measured: Losses, run_seed: int, device: torch.device) -> Losses:
     """Independent directions: every rank's (L+, L-) under its own seeds, by one all-gather of ``(q, k, 2)`` float64.
 

@@ -6,9 +6,25 @@ def configure_optimizers(self):
     return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, 1000)}
 ```
 
-The strategy reads ``lr`` and ``weight_decay`` from the param groups at every step, so LR schedulers,
-``LearningRateMonitor`` and checkpointed optimizer state work as for any torch optimizer. The update
-itself runs inside the ``zo2_offload`` strategy's streaming engine; ``step`` outside it is an error.
+The strategy reads ``lr`` and ``weight_decay`` (and ``momentum`` / ``betas``) from the param groups at every
+step, so LR schedulers, ``LearningRateMonitor`` and checkpointed optimizer state work as for any torch optimizer.
+The update itself runs inside the ``zo2_offload`` strategy's streaming engine, with the rule of
+:mod:`zo2_lightning.engine.rules` the optimizer names; ``step`` outside it is an error.
+
+The family (ZO-Bench, arXiv 2402.11592), with the host memory each keeps beyond the model:
+
+============================  ==========================================  =======================
+optimizer                     update                                      extra host memory
+============================  ==========================================  =======================
+``ZOSGD``                     MeZO-SGD                                    none
+``ZOSGD(one_sided=True)``     forward difference, q + 1 forwards          none
+``ZOSGD(direction=...)``      Gaussian or Rademacher z                    none
+``ZOSGD(q=k)``                q-SPSA, k directions per residency          none (device scratch)
+``ZOSGDSign``                 sign(g) instead of g                        none
+``ZOSGDCons``                 conservative: best of step / none / back    none (3 more forwards)
+``ZOSGDMomentum``             ZO-SGD-MMT, torch.optim.SGD momentum        1x trainable params
+``ZOAdam``                    ZO-Adam, torch.optim.Adam                   2x trainable params
+============================  ==========================================  =======================
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ from typing import Any
 
 import torch
 
+from zo2_lightning.engine.rules import AdamRule, MomentumRule, UpdateRule
 from zo2_lightning.engine.seeds import DISTRIBUTIONS
 
 
@@ -33,10 +50,15 @@ class ZOSGD(torch.optim.Optimizer):
         q: directions per step (q-SPSA): the update averages q two-point estimates, each along its own z,
             for 2q forwards per step. q=1 is MeZO.
         direction: distribution of z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1, as in ZO-Bench).
+        one_sided: the forward-difference estimate ``g = (L(theta + eps z) - L(theta)) / eps`` (q + 1 forwards per
+            step, one of them unperturbed) instead of the central ``(L+ - L-) / (2 eps)`` (2q forwards).
 
     Raises:
         ValueError: on ``lr < 0``, ``eps <= 0``, ``weight_decay < 0``, ``q < 1`` or an unknown ``direction``.
     """
+
+    #: ZO-SGD-Cons: try the step, no step and the step reversed, keep the best (see :class:`ZOSGDCons`)
+    conservative = False
 
     def __init__(
         self,
@@ -46,6 +68,8 @@ class ZOSGD(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         q: int = 1,
         direction: str = "gaussian",
+        one_sided: bool = False,
+        **rule_defaults: Any,
     ) -> None:
         _check_hparams(lr, eps, weight_decay)
         if int(q) != q or q < 1:
@@ -54,7 +78,8 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"ZOSGD direction={direction!r}: use one of {DISTRIBUTIONS}")
         self.q = int(q)
         self.direction = direction
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.one_sided = bool(one_sided)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **rule_defaults))
         eps_values = {group["eps"] for group in self.param_groups}
         if len(eps_values) > 1:
             raise ValueError(f"ZOSGD needs one eps for all param groups, got {sorted(eps_values)}")
@@ -76,6 +101,20 @@ class ZOSGD(torch.optim.Optimizer):
         """The scalar the update multiplies z by, from the projected gradient ``g`` (MeZO-SGD: ``g`` itself)."""
         return g
 
+    def update_rule(self) -> UpdateRule:
+        """The engine's rule for this optimizer's update (MeZO-SGD)."""
+        return UpdateRule()
+
+    def rule_hyper(self) -> tuple[float, ...]:
+        """The rule's coefficients now, one value for all param groups (read at every step: schedulable)."""
+        return ()
+
+    def _same_in_all_groups(self, key: str) -> Any:
+        values = {_freeze(g[key]) for g in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(f"{type(self).__name__} needs one {key} for all param groups, got {sorted(values)}")
+        return self.param_groups[0][key]
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run ``closure`` (the paired training step) and the ZO update, through the strategy that drives us."""
@@ -96,6 +135,85 @@ class ZOSGDSign(ZOSGD):
 
     def transform_grad(self, g: float) -> float:
         return float((g > 0) - (g < 0))
+
+
+class ZOSGDCons(ZOSGD):
+    """ZO-SGD-Cons (ZO-Bench): after the estimate, evaluate the loss on the same batch at the step taken, at no
+    step and at the step reversed (three more forwards, in one more pass over the blocks), and keep whichever is
+    lowest (ties prefer the step, then no step). Needs ``accumulate_grad_batches=1``; no extra memory.
+    Arguments as :class:`ZOSGD`.
+    """
+
+    conservative = True
+
+
+class ZOSGDMomentum(ZOSGD):
+    """ZO-SGD-MMT (ZO-Bench): heavy-ball momentum on the ZO estimate, as ``torch.optim.SGD(momentum=...)`` stepping
+    with ``grad = g * z``: ``buf <- momentum * buf + grad + weight_decay * theta; theta <- theta - lr * buf``.
+
+    The momentum buffer (one copy of the trainable parameters, in their dtype) lives in host memory next to each
+    block's host copy and travels with the block for its update; it is saved in checkpoints. ``q`` must be 1.
+
+    Args:
+        momentum: the buffer's decay, in ``[0, 1)``; a param-group key (schedulers such as OneCycleLR cycle it).
+        others: as :class:`ZOSGD`.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 momentum: float = 0.9, **kwargs: Any) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"ZOSGDMomentum momentum must be in [0, 1), got {momentum}")
+        _stateless_q(self, kwargs.get("q", 1))
+        super().__init__(params, lr, eps, weight_decay, momentum=momentum, **kwargs)
+
+    def update_rule(self) -> UpdateRule:
+        return MomentumRule()
+
+    def rule_hyper(self) -> tuple[float, ...]:
+        return (float(self._same_in_all_groups("momentum")),)
+
+
+class ZOAdam(ZOSGD):
+    """ZO-Adam (ZO-Bench): Adam on the ZO estimate, as ``torch.optim.Adam`` stepping with ``grad = g * z`` (L2
+    ``weight_decay`` added to the gradient; bias-corrected moments counted in updates, skipped steps not counted).
+
+    Its two moment buffers (two copies of the trainable parameters) live in host memory next to each block's
+    host copy and travel with the block for its update; they are saved in checkpoints. ``q`` must be 1.
+
+    Args:
+        betas: the moments' decays, each in ``[0, 1)``; a param-group key.
+        adam_eps: Adam's denominator term (``eps`` is the perturbation scale).
+        others: as :class:`ZOSGD`; ZO-Bench tunes ZO-Adam's lr around 1e-5 .. 1e-4 on OPT.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, **kwargs: Any) -> None:
+        betas = tuple(float(b) for b in betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"ZOAdam betas must be two numbers in [0, 1), got {betas}")
+        if not adam_eps > 0.0:
+            raise ValueError(f"ZOAdam adam_eps must be > 0, got {adam_eps}")
+        _stateless_q(self, kwargs.get("q", 1))
+        super().__init__(params, lr, eps, weight_decay, betas=betas, adam_eps=float(adam_eps), **kwargs)
+
+    def update_rule(self) -> UpdateRule:
+        return AdamRule()
+
+    def rule_hyper(self) -> tuple[float, ...]:
+        beta1, beta2 = self._same_in_all_groups("betas")
+        return (float(beta1), float(beta2), float(self._same_in_all_groups("adam_eps")))
+
+
+def _stateless_q(opt: ZOSGD, q: Any) -> None:
+    if q != 1:
+        raise ValueError(
+            f"{type(opt).__name__} supports q=1 only: its state would need the q directions' estimates combined"
+            " into one gradient first. Use ZOSGD(q=...) for q-SPSA, or q=1 here."
+        )
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _check_hparams(lr: float, eps: float, weight_decay: float) -> None:

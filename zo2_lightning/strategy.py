@@ -36,6 +36,7 @@ from zo2_lightning.distributed import (
     broadcast_module_,
     gather_over_ranks,
     mean_over_ranks,
+    mean_values_over_ranks,
     rank_direction_seeds,
 )
 from zo2_lightning.zo_core import _CKPT_KEY, ZOStrategyCore
@@ -188,6 +189,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
             if self._offload_root is not None:  # one set of block files per rank, never shared between writers
                 self.offload_dir = os.path.join(self._offload_root, f"rank{self.global_rank}")
         self._attach_engine(trainer)
+        self._check_directions_mode()
         if self.is_multiprocess:
             assert self.engine is not None
             self.engine.seed = self.broadcast(self.engine.seed)  # rank 0's; nothing is drawn before this
@@ -224,6 +226,24 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
             assert self.engine is not None
             return rank_direction_seeds(self.engine.seed, self.global_rank, q)
         return super()._direction_seeds(q)
+
+    def _check_directions_mode(self) -> None:
+        optimizer = self.optimizers[0] if self.optimizers else None
+        if not (self.is_multiprocess and self.directions == "independent" and optimizer is not None):
+            return
+        assert self.engine is not None
+        if self.engine.rule.stateful or getattr(optimizer, "conservative", False):
+            raise ValueError(
+                f"{type(optimizer).__name__} cannot run with directions='independent' on several ranks: each rank's"
+                " directions are separate updates, which a momentum/Adam state or a conservative trial cannot"
+                " combine. Use directions='shared' (MeZO on the global batch)."
+            )
+
+    @override
+    def _reduce_values(self, values: list[float]) -> list[float]:
+        if not self.is_multiprocess:
+            return values
+        return mean_values_over_ranks(values, self._collective_device)
 
     @override
     def _reduce_losses(self, measured: dict[int, list[tuple[float, float]]]) -> dict[int, list[tuple[float, float]]]:

@@ -32,6 +32,7 @@ from typing_extensions import override
 from zo2_lightning.checkpoint_io import AtomicCheckpointIO
 from zo2_lightning.engine import ZOEngine, direction_seed, projected_grad
 from zo2_lightning.engine.perturb import all_finite
+from zo2_lightning.engine.spsa import Commit
 from zo2_lightning.module import ZOModule
 from zo2_lightning.optim import ZOSGD
 
@@ -126,12 +127,22 @@ class ZOStrategyCore:
             max_device_memory=self.max_gpu_memory,
             keep_directions=self.keep_directions,
             distribution=optimizer.direction if optimizer is not None else "gaussian",
+            rule=optimizer.update_rule() if optimizer is not None else None,
         )
+        if optimizer is not None and optimizer.conservative and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"{type(optimizer).__name__} compares the step's candidates on one batch, so it needs"
+                f" accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): raise the batch size instead"
+            )
         groups = [group["params"] for group in optimizer.param_groups] if optimizer is not None else []
         self.engine.attach(groups)
         if optimizer is not None:
             optimizer._zo_step = self._zo_step
+            saved = (self._resumed_state or {}).get("rule_state")
+            if saved is not None:
+                self.engine.load_rule_state(saved)
         self._measured = []
+        self._last_run = None
 
     def _detach_engine(self) -> None:
         """Flush and give the module back: hooks off, parameters on their original devices."""
@@ -155,7 +166,8 @@ class ZOStrategyCore:
 
         seeds = self._direction_seeds(optimizer.q)
         with self._zo_forward_mode(module), self.precision_plugin.train_step_context(), torch.no_grad():
-            outs = engine.run_directions(run, step=step, eps=optimizer.eps, seeds=seeds)
+            outs = engine.run_directions(run, step=step, eps=optimizer.eps, seeds=seeds, one_sided=optimizer.one_sided)
+        self._last_run = run if optimizer.conservative else None  # the trial runs the same batch again
         measured: dict[int, tuple[float, float]] = {}
         for seed, (out_plus, out_minus) in zip(seeds, outs):
             loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
@@ -193,22 +205,30 @@ class ZOStrategyCore:
         eps = optimizer.eps
         lrs, wds = optimizer.hyperparameters()
         values = [v for pairs in per_direction.values() for pair in pairs for v in pair]
-        grads = {seed: sum(projected_grad(p, m, eps) for p, m in pairs) / len(pairs)
+        grads = {seed: sum(projected_grad(p, m, eps, optimizer.one_sided) for p, m in pairs) / len(pairs)
                  for seed, pairs in per_direction.items()}
         q = len(grads)
+        logs: list[tuple[str, float]] = []
         if all_finite(*values):
             self.consecutive_skips = 0
             clip = trainer.gradient_clip_val
+            hyper = optimizer.rule_hyper()
+            commits = []
             for seed, g in grads.items():
                 if clip:
                     g = max(-float(clip), min(float(clip), g))
                 g = optimizer.transform_grad(g)
-                self.engine.commit(trainer.global_step, g / q if q > 1 else g, lrs, wds, seed=seed)
+                commits.append(self.engine.candidate(trainer.global_step, g / q if q > 1 else g, lrs, wds, seed, hyper))
+            if optimizer.conservative:
+                commits, choice = self._conservative(commits)
+                logs.append(("zo/cons_choice", float(choice)))
+            for c in commits:
+                self.engine.commit(c)
         else:
             self._skip_non_finite(trainer.global_step, values)
         all_pairs = [pair for pairs in per_direction.values() for pair in pairs]
         module = self.lightning_module
-        for name, value in (
+        for name, value in (*logs,
             ("zo/loss_plus", sum(p for p, _ in all_pairs) / len(all_pairs)),
             ("zo/loss_minus", sum(m for _, m in all_pairs) / len(all_pairs)),
             ("zo/projected_grad", sum(grads.values()) / q),
@@ -217,6 +237,24 @@ class ZOStrategyCore:
         ):
             module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
         return result
+
+    def _conservative(self, commits: list[Commit]) -> tuple[list[Commit], int]:
+        """ZO-SGD-Cons: the losses of the step, no step and the step reversed on the step's batch; returns the
+        commits of the lowest (ties prefer the step, then no step) and which it was (+1, 0, -1)."""
+        run, module, engine = self._last_run, self.lightning_module, self.engine
+        assert run is not None and engine is not None
+        self._last_run = None
+        with self._zo_forward_mode(module, log=False), self.precision_plugin.train_step_context(), torch.no_grad():
+            outs = engine.run_trial(run, commits)
+        losses = self._reduce_values([_scalar_loss(out).item() for out in outs])
+        if not all_finite(*losses):
+            return [], 0  # nothing finite to compare: stay put
+        choice = min(zip(losses, (1, 0, -1)), key=lambda lc: lc[0])[1]  # min keeps the first of equal losses
+        return {1: commits, 0: [], -1: [c.reversed() for c in commits]}[choice], choice
+
+    def _reduce_values(self, values: list[float]) -> list[float]:
+        """Scalars every rank must agree on (the trial losses): one process keeps them as measured."""
+        return values
 
     def _skip_non_finite(self, step: int, values: list[float]) -> None:
         self.skipped_steps += 1
@@ -234,15 +272,16 @@ class ZOStrategyCore:
         )
 
     @contextmanager
-    def _zo_forward_mode(self, module: LightningModule) -> Iterator[None]:
-        """Dropout off (both runs must see the same function, as in MeZO); logging from the +eps run only."""
+    def _zo_forward_mode(self, module: LightningModule, log: bool = True) -> Iterator[None]:
+        """Dropout off (both runs must see the same function, as in MeZO); logging from the +eps run only (none
+        with ``log=False``)."""
         modes = [(m, m.training) for m in module.modules()]
         module.eval()
         engine = self.engine
         log = module.log
 
         def log_plus_only(*args: Any, **kwargs: Any) -> None:
-            if engine is None or engine.direction in (None, 0) and engine.sign != -1:
+            if log and (engine is None or engine.direction in (None, 0) and engine.sign in (None, +1)):
                 log(*args, **kwargs)
 
         module.log = log_plus_only  # type: ignore[method-assign]
@@ -278,11 +317,14 @@ class ZOStrategyCore:
     # ================================================================== checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
-        checkpoint.setdefault(_CKPT_KEY, {}).update(  # a strategy may have put its own entries there first
+        entry = checkpoint.setdefault(_CKPT_KEY, {})  # a strategy may have put its own entries there first
+        entry.update(
             format=_CKPT_FORMAT,
             seed=self.engine.seed if self.engine is not None else self._run_seed(),
             skipped_steps=self.skipped_steps,
         )
+        if self.engine is not None and self.engine.attached and self.engine.spsa is not None:
+            entry["rule_state"] = self.engine.rule_state()  # update count; momentum / Adam buffers
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @property

@@ -5,6 +5,7 @@ the ones in DESIGN.md and the tests recompute them independently in plain torch:
 
     theta_s = theta + (s * eps) * z                       (s = +1 / -1, never written into theta)
     g       = (L+ - L-) / (2 * eps)                       (in float64, from the two losses)
+    g       = (L+ - L0) / eps                             (one-sided: L0 at theta itself)
     theta  <- theta - lr * (g * z + wd * theta)
 """
 
@@ -30,8 +31,11 @@ def sgd_update_(theta: torch.Tensor, z: torch.Tensor, g: float, lr: float, weigh
     theta.sub_(z)
 
 
-def projected_grad(loss_plus: float, loss_minus: float, eps: float) -> float:
-    """The two-point SPSA estimate of the directional derivative along z."""
+def projected_grad(loss_plus: float, loss_minus: float, eps: float, one_sided: bool = False) -> float:
+    """The two-point SPSA estimate of the directional derivative along z: central, or forward-difference
+    (``one_sided``: ``loss_minus`` is the loss at theta itself)."""
+    if one_sided:
+        return (loss_plus - loss_minus) / eps
     return (loss_plus - loss_minus) / (2.0 * eps)
 
 

@@ -1,12 +1,14 @@
 """SPSA on units: directions drawn per tensor, perturbed copies, and commits applied to flat buffers.
 
-``spsa = UnitSPSA(device, group_of, storage_dtype=None)``; ``spsa.size_for(units)``; ``spsa.reserve(q)``;
-``spsa.perturb(unit, flats, step, eps, seeds)``,
-``spsa.catch_up(unit, flats, commits)``
+``spsa = UnitSPSA(device, group_of, storage_dtype=None, rule=AdamRule())``; ``spsa.size_for(units)``;
+``spsa.reserve(keys)``; ``spsa.perturb(unit, flats, step, eps, seeds)``, ``spsa.catch_up(unit, flats, commits)``,
+``spsa.trial(unit, flats, commits, out)``
 
 The engine decides *when* (block arrivals, flushes) and *where* (device slots); this module does the
-arithmetic on one unit at a time with the formulas of :mod:`.perturb`, the seeds of :mod:`.seeds` and the
-rounding of :mod:`.rounding`, using scratch buffers sized once for the largest block.
+arithmetic on one unit at a time with the formulas of :mod:`.perturb` and the update rule of :mod:`.rules`,
+the seeds of :mod:`.seeds` and the rounding of :mod:`.rounding`, using scratch buffers sized once for the
+largest block. A stateful rule's buffers (momentum, Adam moments) are kept here, per unit, on ``state_device``
+(host memory for streamed blocks): they are brought to the block's device for its update and written back.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from zo2_lightning.engine.perturb import perturb_into, sgd_update_
+from zo2_lightning.engine.perturb import perturb_into
 from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
-from zo2_lightning.engine.seeds import derive_seed, draw_direction
+from zo2_lightning.engine.rules import UpdateRule
+from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
 from zo2_lightning.engine.units import Unit
 
 _ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
 
-RunKey = tuple[int, int]  # (direction, sign)
+RunKey = tuple[int, int]  # (direction, sign); sign 0: the unperturbed run of a one-sided estimate or a trial
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,25 @@ class Commit:
     lrs: tuple[float, ...]  # per optimizer param group
     weight_decays: tuple[float, ...]
     seed: int  # the run seed z was drawn with (see seeds.direction_seed)
+    hyper: tuple[float, ...] = ()  # the update rule's coefficients at this step (momentum, Adam betas and eps)
+    t: int = 0  # 1-based count of the update among the run's commits (Adam's bias correction)
+
+    def reversed(self) -> Commit:
+        """The step taken backwards (``-lr``): the opposite candidate of a conservative step."""
+        return Commit(self.step, self.g, tuple(-lr for lr in self.lrs), self.weight_decays, self.seed,
+                      self.hyper, self.t)
 
 
-def run_keys(q: int) -> list[RunKey]:
-    """(direction, sign) of the 2q perturbed runs; direction 0's +eps run first."""
+def run_keys(q: int, one_sided: bool = False) -> list[RunKey]:
+    """(direction, sign) of the runs of a step: 2q perturbed runs, direction 0's +eps run first; one-sided: the
+    q runs at +eps and one unperturbed run ``(0, 0)`` that all directions share."""
+    if one_sided:
+        return [(d, +1) for d in range(q)] + [(0, 0)]
     return [(d, s) for d in range(q) for s in (+1, -1)]
+
+
+#: the runs of a conservative step's trial: the step taken, no step, the step reversed
+TRIAL_KEYS: list[RunKey] = [(0, +1), (0, 0), (0, -1)]
 
 
 class UnitSPSA:
@@ -53,6 +70,9 @@ class UnitSPSA:
         keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
             it again: one draw per parameter per step saved, one extra copy of the trainable parameters held.
         distribution: of z, ``"gaussian"`` (MeZO) or ``"rademacher"`` (see :func:`.seeds.draw_direction`).
+        rule: the update rule (default MeZO-SGD); a stateful one keeps its buffers per unit.
+        state_device: where the rule's buffers of the blocks live (``None``: ``device``); the resident unit's
+            always live on ``device``. Host buffers are pinned when ``device`` is CUDA.
     """
 
     def __init__(
@@ -63,6 +83,8 @@ class UnitSPSA:
         stochastic_rounding: bool = True,
         keep_directions: bool = False,
         distribution: str = "gaussian",
+        rule: UpdateRule | None = None,
+        state_device: torch.device | None = None,
     ) -> None:
         self.device = device
         self.distribution = distribution
@@ -72,6 +94,9 @@ class UnitSPSA:
         self.group_of = group_of
         self.storage_dtype = storage_dtype
         self._round = stochastic_round if stochastic_rounding else round_to_nearest
+        self.rule = rule if rule is not None else UpdateRule()
+        self.state_device = device if state_device is None else state_device
+        self.state: dict[int, list[list[torch.Tensor]]] = {}  # unit index -> per segment -> rule buffers
         self.generator = torch.Generator(device=device)
         self._sizes: dict[torch.dtype, int] = {}
         self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or a RunKey
@@ -83,9 +108,9 @@ class UnitSPSA:
             for seg in unit.segments:
                 self._sizes[seg.dtype] = max(self._sizes.get(seg.dtype, 0), seg.trainable_numel)
 
-    def reserve(self, q: int = 1) -> None:
-        """Scratch for z and 2q perturbed copies (allocated once per new q; a no-op after)."""
-        for key in ["z", *run_keys(q)]:
+    def reserve(self, keys: Sequence[RunKey]) -> None:
+        """Scratch for z and a perturbed copy per run key (allocated once per new key; a no-op after)."""
+        for key in ["z", *[k for k in keys if k[1] != 0]]:
             bufs = self._scratch.setdefault(key, {})
             for dt, n in self._sizes.items():
                 if n and (dt not in bufs or bufs[dt].numel() < n):
@@ -115,8 +140,10 @@ class UnitSPSA:
         seeds: Sequence[int],
         out: dict[RunKey, list[torch.Tensor]] | None = None,
         z: list[torch.Tensor] | None = None,
+        signs: Sequence[int] = (+1, -1),
     ) -> None:
-        """theta +/- eps * z_d for every direction d, into ``out[(d, s)]`` (default: the block scratch)."""
+        """theta + s * eps * z_d for every direction d and sign s, into ``out[(d, s)]`` (default: the block
+        scratch). ``signs=(+1,)`` for a one-sided estimate."""
         keep = self.keep_directions and out is None
         z = self.views("z", unit) if z is None else z
         for d, seed in enumerate(seeds):
@@ -126,12 +153,34 @@ class UnitSPSA:
                     self._kept[key] = self._buffers(unit)
                 z = self._kept[key]
             self.draw(unit, step, seed, z)
-            plus = out[(d, +1)] if out is not None else self.views((d, +1), unit)
-            minus = out[(d, -1)] if out is not None else self.views((d, -1), unit)
-            for seg, w, zz, pp, pm in zip(unit.segments, flats, z, plus, minus):
-                n = seg.trainable_numel
-                perturb_into(pp[:n], w[:n], zz[:n], eps)
-                perturb_into(pm[:n], w[:n], zz[:n], -eps)
+            for s in signs:
+                copies = out[(d, s)] if out is not None else self.views((d, s), unit)
+                for seg, w, zz, pc in zip(unit.segments, flats, z, copies):
+                    n = seg.trainable_numel
+                    perturb_into(pc[:n], w[:n], zz[:n], s * eps)
+
+    def trial(
+        self,
+        unit: Unit,
+        flats: list[torch.Tensor],
+        commits: Sequence[Commit],
+        out: dict[RunKey, list[torch.Tensor]] | None = None,
+        z: list[torch.Tensor] | None = None,
+    ) -> None:
+        """The candidates of a conservative step: ``out[(0, +1)]`` = theta after ``commits``, ``out[(0, -1)]`` =
+        theta after the commits reversed, each computed exactly as :meth:`catch_up` would compute it (``out`` and
+        the z scratch ``z`` default to the block scratch)."""
+        if self.rule.stateful:
+            raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
+        for sign in (+1, -1):
+            copies = out[(0, sign)] if out is not None else self.views((0, sign), unit)
+            for seg, w, c in zip(unit.segments, flats, copies):
+                c[: seg.trainable_numel].copy_(w[: seg.trainable_numel])
+            z = self.views("z", unit) if z is None else z
+            for commit in commits:
+                self.draw(unit, commit.step, commit.seed, z)
+                self.apply(unit, copies, z, commit if sign > 0 else commit.reversed())
+                self.round_to_storage(unit, copies, commit)
 
     def catch_up(self, unit: Unit, flats: list[torch.Tensor], commits: Sequence[Commit]) -> bool:
         """Apply ``commits`` in order (rounded to storage after each); True if anything changed."""
@@ -163,17 +212,53 @@ class UnitSPSA:
         return [torch.empty(n, dtype=dt, device=self.device) for dt, n in shape]
 
     def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
-        """theta <- theta - lr * (g * z + wd * theta) on the unit's trainable tensors; z is consumed."""
+        """The rule's update of the unit's trainable tensors with ``grad = c.g * z``; z is consumed."""
+        rule = self.rule
+        state = self._state_on_device(unit)  # per segment, the rule's buffers where the update runs
         groups = [self.group_of[id(p)] for p in unit.trainable_params]
         hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
         if len(hyper) == 1:  # one op over each segment's trainable head
             lr, wd = hyper.pop()
-            for seg, w, zz in zip(unit.segments, flats, z):
-                if seg.trainable_numel:
-                    sgd_update_(w[: seg.trainable_numel], zz[: seg.trainable_numel], c.g, lr, wd)
+            for seg, w, zz, st in zip(unit.segments, flats, z, state):
+                n = seg.trainable_numel
+                if n:
+                    rule.apply_(w[:n], zz[:n], st, c.g, lr, wd, c.hyper, c.t)
+        else:
+            per_tensor = [unit.trainable_views(list(bufs)) for bufs in zip(*state)] if rule.stateful else []
+            for k, (w, zz, g) in enumerate(zip(unit.trainable_views(flats), unit.trainable_views(z), groups)):
+                st = [views[k] for views in per_tensor]
+                rule.apply_(w, zz, st, c.g, c.lrs[g], c.weight_decays[g], c.hyper, c.t)
+        self._state_back(unit, state)
+
+    # ------------------------------------------------------------------ rule state
+    def _state_home(self, unit: Unit) -> torch.device:
+        return self.device if unit.index == RESIDENT_UNIT else self.state_device
+
+    def unit_state(self, unit: Unit) -> list[list[torch.Tensor]]:
+        """The rule's buffers of ``unit`` (zeros at first use), per segment, where they live."""
+        if unit.index not in self.state:
+            home = self._state_home(unit)
+            pin = home.type == "cpu" and self.device.type == "cuda"
+            self.state[unit.index] = [
+                self.rule.new_state(seg.trainable_numel, seg.dtype, home, pin) for seg in unit.segments
+            ]
+        return self.state[unit.index]
+
+    def _state_on_device(self, unit: Unit) -> list[list[torch.Tensor]]:
+        if not self.rule.stateful:
+            return [[] for _ in unit.segments]
+        home = self.unit_state(unit)
+        if self._state_home(unit) == self.device:
+            return home
+        return [[b.to(self.device, non_blocking=True) for b in bufs] for bufs in home]
+
+    def _state_back(self, unit: Unit, state: list[list[torch.Tensor]]) -> None:
+        home = self.state.get(unit.index)
+        if home is None or home is state:
             return
-        for w, zz, g in zip(unit.trainable_views(flats), unit.trainable_views(z), groups):
-            sgd_update_(w, zz, c.g, c.lrs[g], c.weight_decays[g])
+        for bufs_home, bufs in zip(home, state):
+            for h, b in zip(bufs_home, bufs):
+                h.copy_(b)  # blocking: the host copy is current before the next step reads it
 
     def round_to_storage(self, unit: Unit, flats: list[torch.Tensor], c: Commit) -> None:
         """With 16-bit storage, make the updated working values representable in it right away, so the

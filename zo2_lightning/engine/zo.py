@@ -16,6 +16,7 @@ happens to the parameters and when (perturbed copies at a block's arrival, defer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,9 @@ from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.lockstep import Lockstep
 from zo2_lightning.engine.residency import blocks_that_fit
+from zo2_lightning.engine.rules import UpdateRule
 from zo2_lightning.engine.seeds import RESIDENT_UNIT
-from zo2_lightning.engine.spsa import Commit, UnitSPSA, run_keys
+from zo2_lightning.engine.spsa import TRIAL_KEYS, Commit, RunKey, UnitSPSA, run_keys
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
 
@@ -70,6 +72,9 @@ class ZOEngine:
             costs one copy of the trainable block parameters on ``device``: for models that fit, e.g. on CPU).
         stochastic_rounding: narrow updated blocks to ``storage_dtype`` with seeded stochastic rounding (True)
             or round-to-nearest (False: loses MeZO-size updates; for comparison only).
+        rule: the update rule of a commit (:mod:`.rules`; default MeZO-SGD). A stateful rule's buffers live in
+            host memory with the blocks' host copies (on ``device`` without offload) and travel to the device
+            with the block for its update; with disk offload every updated block is written back at once.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class ZOEngine:
         stochastic_rounding: bool = True,
         keep_directions: bool = False,
         distribution: str = "gaussian",
+        rule: UpdateRule | None = None,
     ) -> None:
         self.model = model
         self.blocks = list(blocks)
@@ -115,6 +121,11 @@ class ZOEngine:
         self._storage_dtype, self._stochastic = storage_dtype, stochastic_rounding
         self._keep_directions = keep_directions
         self.distribution = distribution
+        self.rule = rule if rule is not None else UpdateRule()
+        self._state_device = torch.device("cpu") if offload else self.device
+        self.updates = 0  # commits made so far (the t of the next one is updates + 1)
+        self._trial: list[Commit] | None = None  # the candidates of a conservative step's trial runs
+        self._one_sided = False
         if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
             raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
         self._auto_residency = resident_blocks == "auto"
@@ -153,7 +164,8 @@ class ZOEngine:
         group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
         trainable = set(group_of)
         self.spsa = UnitSPSA(
-            self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions, self.distribution
+            self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions, self.distribution,
+            self.rule, self._state_device,
         )
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
@@ -179,9 +191,9 @@ class ZOEngine:
         self._res_w = self.resident.pack(self.device)
         self.resident.bind(self._res_w)
         self.spsa.size_for(self.units)
-        self.spsa.reserve(1)
+        self.spsa.reserve(run_keys(1))
         self._res_z = [torch.empty_like(w) for w in self._res_w]  # resident: trainable parameters only
-        self._reserve_resident(1)
+        self._reserve_resident(run_keys(1))
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i)))
         for module in self.model.modules():
@@ -215,9 +227,9 @@ class ZOEngine:
         self._commits, self._applied, self._active = [], [], {}
         self.attached = False
 
-    def _reserve_resident(self, q: int) -> None:
-        for key in run_keys(q):
-            if key not in self._res_pert:
+    def _reserve_resident(self, keys: Sequence[RunKey]) -> None:
+        for key in keys:
+            if key[1] != 0 and key not in self._res_pert:
                 self._res_pert[key] = [torch.empty_like(w) for w in self._res_w]
 
     # ================================================================== the step
@@ -231,39 +243,84 @@ class ZOEngine:
         return self.run_directions(fn, step, eps, [self.seed if seed is None else seed])[0]
 
     def run_directions(
-        self, fn: Callable[[Any], Any], step: int, eps: float, seeds: Sequence[int]
+        self, fn: Callable[[Any], Any], step: int, eps: float, seeds: Sequence[int], one_sided: bool = False
     ) -> list[tuple[Any, Any]]:
         """q-SPSA: the 2q runs ``fn((d, +1))``, ``fn((d, -1))`` for each direction seed, all in lockstep, so
         each block is brought in once and every run uses it before it leaves. Returns ``[(out+, out-)]`` per
         direction. Scratch memory grows with q: 2q perturbed copies of the largest block and of the resident
         parameters.
+
+        ``one_sided``: the forward-difference estimate; the q runs at +eps and one run ``fn((0, 0))`` at theta
+        itself (q + 1 forwards); returns ``[(out+, out0)]`` per direction, ``out0`` the same object for all.
         """
-        self._release_all()
         self._step, self._eps = int(step), float(eps)
         self._seeds = [int(s) for s in seeds]
-        self.spsa.reserve(len(self._seeds))
+        self._one_sided = bool(one_sided)
         self.spsa.prune_kept(self._step, {(c.step, c.seed) for c in self._commits})
-        self._reserve_resident(len(self._seeds))
+        results = self._run_lockstep(fn, run_keys(len(self._seeds), self._one_sided))
+        if self._one_sided:
+            return [(results[(d, +1)], results[(0, 0)]) for d in range(len(self._seeds))]
+        return [(results[(d, +1)], results[(d, -1)]) for d in range(len(self._seeds))]
+
+    def run_trial(self, fn: Callable[[Any], Any], commits: Sequence[Commit]) -> tuple[Any, Any, Any]:
+        """The three runs of a conservative step (ZO-SGD-Cons), in lockstep: ``fn`` at theta after ``commits``
+        (the step), at theta (no step) and at theta after the commits reversed. Returns the three results in
+        that order; nothing is committed. The candidates are computed exactly as the commits would be applied,
+        so committing the chosen one gives the parameters its run saw, bit for bit. Needs a stateless rule.
+        """
+        if self.rule.stateful:
+            raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
+        self._trial = list(commits)
+        try:
+            results = self._run_lockstep(fn, TRIAL_KEYS)
+        finally:
+            self._trial = None
+        return results[(0, +1)], results[(0, 0)], results[(0, -1)]
+
+    def _run_lockstep(self, fn: Callable[[Any], Any], keys: list[RunKey]) -> dict[RunKey, Any]:
+        self._release_all()
+        self.spsa.reserve(keys)
+        self._reserve_resident(keys)
         self._prepare_resident()
         self._pair = Lockstep(self._activate, self._transition)
-        keys = run_keys(len(self._seeds))
         try:
-            results = self._pair.run(fn, keys)
+            return self._pair.run(fn, keys)
         finally:
             self._pair = None
             self._signed_block = None
             self._release_all()
             assert self.resident is not None
             self.resident.bind(self._res_w)
-        return [(results[(d, +1)], results[(d, -1)]) for d in range(len(self._seeds))]
+
+    def candidate(
+        self,
+        step: int,
+        g: float,
+        lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        seed: int | None = None,
+        hyper: Sequence[float] = (),
+    ) -> Commit:
+        """The commit :meth:`commit` would record next (for :meth:`run_trial`; ``t`` is set when committed)."""
+        seed = self.seed if seed is None else int(seed)
+        return Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)), seed,
+                      tuple(map(float, hyper)), self.updates + 1)
 
     def commit(
-        self, step: int, g: float, lrs: Sequence[float], weight_decays: Sequence[float], seed: int | None = None
+        self,
+        step: int | Commit,
+        g: float = 0.0,
+        lrs: Sequence[float] = (),
+        weight_decays: Sequence[float] = (),
+        seed: int | None = None,
+        hyper: Sequence[float] = (),
     ) -> None:
         """Record the update of ``step`` along the direction of ``seed`` (default: the engine's run seed):
-        resident parameters now, blocks when they next arrive."""
-        seed = self.seed if seed is None else int(seed)
-        c = Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)), seed)
+        resident parameters now, blocks when they next arrive. ``hyper``: the rule's coefficients (see
+        :mod:`.rules`). A :class:`Commit` from :meth:`candidate` may be passed instead."""
+        c = step if isinstance(step, Commit) else self.candidate(step, g, lrs, weight_decays, seed, hyper)
+        self.updates += 1
+        c = dataclasses.replace(c, t=self.updates)
         self._commits.append(c)
         if self._auto_residency:
             self._plan_residency()
@@ -334,6 +391,45 @@ class ZOEngine:
         """Number of block updates not yet applied."""
         return sum(len(self._commits) - a for a in self._applied)
 
+    # ================================================================== optimizer state
+    def rule_state(self) -> dict[str, Any]:
+        """For a checkpoint, after a flush: the update count and the rule's buffers per unit (as they live)."""
+        self.flush()
+        assert self.spsa is not None
+        units = {u.index: u for u in self._all_units()}
+        return {
+            "rule": self.rule.name,
+            "updates": self.updates,
+            "buffers": {i: bufs for i, bufs in self.spsa.state.items() if i in units},
+        }
+
+    def load_rule_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`rule_state` (after :meth:`attach`, before the first step).
+
+        Raises:
+            ValueError: the state belongs to another rule or another model (unit sizes differ).
+        """
+        assert self.spsa is not None
+        if state.get("rule", self.rule.name) != self.rule.name:
+            raise ValueError(
+                f"the checkpoint's optimizer state is for the {state['rule']!r} update rule, this run uses"
+                f" {self.rule.name!r}: resume with the optimizer that wrote it, or start a new fit from its weights"
+            )
+        self.updates = int(state.get("updates", 0))
+        units = {u.index: u for u in self._all_units()}
+        for i, saved in state.get("buffers", {}).items():
+            unit = units.get(int(i))
+            own = self.spsa.unit_state(unit) if unit is not None else None
+            shapes = [[tuple(b.shape) for b in bufs] for bufs in saved]
+            if own is None or shapes != [[tuple(b.shape) for b in bufs] for bufs in own]:
+                raise ValueError(f"the checkpoint's optimizer state for unit {i} does not fit this model ({shapes})")
+            for bufs_own, bufs_saved in zip(own, saved):
+                for b, v in zip(bufs_own, bufs_saved):
+                    b.copy_(v)
+
+    def _all_units(self) -> list[Unit]:
+        return [*self.units, *([self.resident] if self.resident is not None else [])]
+
     # ================================================================== block arrivals
     def _block_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -360,22 +456,31 @@ class ZOEngine:
         """Every run reached block ``i``: bring it in and build its perturbed copies, two per direction."""
         flats = self._arrive(i)
         unit = self.units[i]
-        if unit.trainable:
-            self.spsa.perturb(unit, flats, self._step, self._eps, self._seeds)
+        if unit.trainable and self._trial is not None:
+            self.spsa.trial(unit, flats, self._trial)
+        elif unit.trainable:
+            self.spsa.perturb(unit, flats, self._step, self._eps, self._seeds, signs=self._signs)
         self._signed_block = i
 
     def _activate(self, key: tuple[int, int]) -> None:
-        """The run ``(direction, sign)`` is about to execute: every parameter it may read holds its perturbation."""
+        """The run ``(direction, sign)`` is about to execute: every parameter it may read holds its perturbation
+        (sign 0: none)."""
         assert self.resident is not None
-        self.resident.bind_signed(self._res_w, self._res_pert[key])
         i = self._signed_block
+        if key[1] == 0:
+            self.resident.bind(self._res_w)
+            if i is not None:
+                self.units[i].bind(self._active[i].flats)
+            return
+        self.resident.bind_signed(self._res_w, self._res_pert[key])
         if i is not None:
             unit, flats = self.units[i], self._active[i].flats
             unit.bind_signed(flats, self.spsa.views(key, unit))
 
     def _release(self, j: int) -> None:
         acquired = self._active.pop(j)
-        lazy = self.streamer.disk is not None and j not in self.streamer.resident and not self._flushing
+        lazy = (self.streamer.disk is not None and j not in self.streamer.resident and not self._flushing
+                and not self.rule.stateful)  # replaying a stateful update would advance its state twice
         lag = acquired.applied - self._applied[j]  # updates the host copy has not absorbed
         write = acquired.dirty and not (lazy and lag < self.disk_flush_every)
         self.streamer.release(j, acquired.dirty, write_back=write)
@@ -402,11 +507,21 @@ class ZOEngine:
             self._release(j)
 
     # ================================================================== arithmetic on units
+    @property
+    def _signs(self) -> tuple[int, ...]:
+        return (+1,) if self._one_sided else (+1, -1)
+
     def _prepare_resident(self) -> None:
         assert self.resident is not None
-        if self.resident.trainable:
-            self.spsa.perturb(self.resident, self._res_w, self._step, self._eps, self._seeds, self._res_pert, self._res_z)
-            self._res_z_key = (self._step, self._seeds[-1])  # _res_z holds the last direction's z
+        if not self.resident.trainable:
+            return
+        if self._trial is not None:
+            self.spsa.trial(self.resident, self._res_w, self._trial, self._res_pert, self._res_z)
+            self._res_z_key = None  # _res_z was spent as the trial's scratch
+            return
+        self.spsa.perturb(self.resident, self._res_w, self._step, self._eps, self._seeds, self._res_pert,
+                          self._res_z, signs=self._signs)
+        self._res_z_key = (self._step, self._seeds[-1])  # _res_z holds the last direction's z
 
     # ================================================================== state_dict
     def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:

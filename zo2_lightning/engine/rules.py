@@ -1,0 +1,105 @@
+"""Update rules: what one commit does to a flat run of parameters, given z and the projected gradient g.
+
+```python
+rule = AdamRule()                                   # or SGDRule(), MomentumRule()
+state = rule.new_state(numel, dtype, device)        # per tensor run: [] / [buf] / [exp_avg, exp_avg_sq]
+rule.apply_(theta, z, state, g, lr, wd, hyper=(0.9, 0.999, 1e-8), t=1)
+```
+
+The gradient estimate of a step is ``grad = g * z`` (plus ``wd * theta``, L2 as in torch.optim); each rule
+applies torch.optim's own single-tensor formula to it, op for op, so a rule equals ``torch.optim.SGD`` /
+``torch.optim.Adam`` (``foreach=False``) stepping with ``p.grad = g * z`` bit for bit. ``z`` is consumed as
+scratch (no temporary the size of the block). ``hyper`` carries the rule's coefficients as they were when the
+step was committed (a scheduler may change them), ``t`` the 1-based number of the update (Adam's bias
+correction). State buffers are zero-initialised, which for momentum equals torch's first-step copy.
+
+Rules are plain torch, used by :class:`zo2_lightning.engine.spsa.UnitSPSA` on one unit at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from zo2_lightning.engine.perturb import sgd_update_
+
+
+class UpdateRule:
+    """MeZO-SGD: ``theta <- theta - lr * (g * z + wd * theta)``; no state."""
+
+    name = "sgd"
+    state_names: tuple[str, ...] = ()
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.state_names)
+
+    def new_state(self, numel: int, dtype: torch.dtype, device: torch.device, pin: bool = False) -> list[torch.Tensor]:
+        """Zeroed state buffers for a run of ``numel`` parameters (one per name in ``state_names``)."""
+        return [torch.zeros(numel, dtype=dtype, device=device, pin_memory=pin) for _ in self.state_names]
+
+    def apply_(
+        self,
+        theta: torch.Tensor,
+        z: torch.Tensor,
+        state: Sequence[torch.Tensor],
+        g: float,
+        lr: float,
+        weight_decay: float,
+        hyper: Sequence[float] = (),
+        t: int = 0,
+    ) -> None:
+        sgd_update_(theta, z, g, lr, weight_decay)
+
+
+SGDRule = UpdateRule
+
+
+class MomentumRule(UpdateRule):
+    """ZO-SGD-MMT, as ``torch.optim.SGD(momentum=beta)``: ``buf <- beta * buf + grad; theta <- theta - lr * buf``.
+
+    ``hyper = (beta,)``; state: the momentum buffer (one copy of the parameters).
+    """
+
+    name = "momentum"
+    state_names = ("momentum_buffer",)
+
+    def apply_(self, theta, z, state, g, lr, weight_decay, hyper=(), t=0) -> None:  # type: ignore[override]
+        (beta,) = hyper
+        (buf,) = state
+        grad = z.mul_(g)
+        if weight_decay != 0.0:
+            grad.add_(theta, alpha=weight_decay)
+        buf.mul_(beta).add_(grad, alpha=1.0)
+        theta.add_(buf, alpha=-lr)
+
+
+class AdamRule(UpdateRule):
+    """ZO-Adam, as ``torch.optim.Adam`` (L2 ``weight_decay`` added to the gradient, bias-corrected moments).
+
+    ``hyper = (beta1, beta2, adam_eps)``; ``t`` the update count; state: ``exp_avg`` and ``exp_avg_sq`` (two
+    copies of the parameters).
+    """
+
+    name = "adam"
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def apply_(self, theta, z, state, g, lr, weight_decay, hyper=(), t=0) -> None:  # type: ignore[override]
+        beta1, beta2, adam_eps = hyper
+        exp_avg, exp_avg_sq = state
+        if t < 1:
+            raise ValueError(f"AdamRule needs the 1-based update count t, got {t}")
+        grad = z.mul_(g)
+        if weight_decay != 0.0:
+            grad.add_(theta, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1**t)
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        denom = torch.sqrt(exp_avg_sq, out=z)  # grad is spent: its buffer holds the denominator
+        denom.div_(bias_correction2_sqrt).add_(adam_eps)
+        theta.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+RULES: dict[str, type[UpdateRule]] = {r.name: r for r in (UpdateRule, MomentumRule, AdamRule)}
