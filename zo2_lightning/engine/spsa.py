@@ -7,8 +7,7 @@
 The engine decides *when* (block arrivals, flushes) and *where* (device slots); this module does the
 arithmetic on one unit at a time with the formulas of :mod:`.perturb` and the update rule of :mod:`.rules`,
 the seeds of :mod:`.seeds` and the rounding of :mod:`.rounding`, using scratch buffers sized once for the
-largest block. A stateful rule's buffers (momentum, Adam moments) are kept here, per unit, on ``state_device``
-(host memory for streamed blocks): they are brought to the block's device for its update and written back.
+largest block. A stateful rule's buffers (momentum, Adam moments) are kept by :mod:`.rule_state`.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import torch
 from zo2_lightning.engine.perturb import perturb_into
 from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
 from zo2_lightning.engine.rules import UpdateRule
-from zo2_lightning.engine.seeds import RESIDENT_UNIT, derive_seed, draw_direction
+from zo2_lightning.engine.rule_state import RuleState
+from zo2_lightning.engine.seeds import derive_seed, draw_direction
 from zo2_lightning.engine.units import Unit
 
 _ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
@@ -95,8 +95,7 @@ class UnitSPSA:
         self.storage_dtype = storage_dtype
         self._round = stochastic_round if stochastic_rounding else round_to_nearest
         self.rule = rule if rule is not None else UpdateRule()
-        self.state_device = device if state_device is None else state_device
-        self.state: dict[int, list[list[torch.Tensor]]] = {}  # unit index -> per segment -> rule buffers
+        self.state = RuleState(self.rule, device, state_device)
         self.generator = torch.Generator(device=device)
         self._sizes: dict[torch.dtype, int] = {}
         self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or a RunKey
@@ -214,7 +213,7 @@ class UnitSPSA:
     def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
         """The rule's update of the unit's trainable tensors with ``grad = c.g * z``; z is consumed."""
         rule = self.rule
-        state = self._state_on_device(unit)  # per segment, the rule's buffers where the update runs
+        state = self.state.borrow(unit)  # per segment, the rule's buffers where the update runs
         groups = [self.group_of[id(p)] for p in unit.trainable_params]
         hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
         if len(hyper) == 1:  # one op over each segment's trainable head
@@ -228,37 +227,7 @@ class UnitSPSA:
             for k, (w, zz, g) in enumerate(zip(unit.trainable_views(flats), unit.trainable_views(z), groups)):
                 st = [views[k] for views in per_tensor]
                 rule.apply_(w, zz, st, c.g, c.lrs[g], c.weight_decays[g], c.hyper, c.t)
-        self._state_back(unit, state)
-
-    # ------------------------------------------------------------------ rule state
-    def _state_home(self, unit: Unit) -> torch.device:
-        return self.device if unit.index == RESIDENT_UNIT else self.state_device
-
-    def unit_state(self, unit: Unit) -> list[list[torch.Tensor]]:
-        """The rule's buffers of ``unit`` (zeros at first use), per segment, where they live."""
-        if unit.index not in self.state:
-            home = self._state_home(unit)
-            pin = home.type == "cpu" and self.device.type == "cuda"
-            self.state[unit.index] = [
-                self.rule.new_state(seg.trainable_numel, seg.dtype, home, pin) for seg in unit.segments
-            ]
-        return self.state[unit.index]
-
-    def _state_on_device(self, unit: Unit) -> list[list[torch.Tensor]]:
-        if not self.rule.stateful:
-            return [[] for _ in unit.segments]
-        home = self.unit_state(unit)
-        if self._state_home(unit) == self.device:
-            return home
-        return [[b.to(self.device, non_blocking=True) for b in bufs] for bufs in home]
-
-    def _state_back(self, unit: Unit, state: list[list[torch.Tensor]]) -> None:
-        home = self.state.get(unit.index)
-        if home is None or home is state:
-            return
-        for bufs_home, bufs in zip(home, state):
-            for h, b in zip(bufs_home, bufs):
-                h.copy_(b)  # blocking: the host copy is current before the next step reads it
+        self.state.give_back(unit, state)
 
     def round_to_storage(self, unit: Unit, flats: list[torch.Tensor], c: Commit) -> None:
         """With 16-bit storage, make the updated working values representable in it right away, so the

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from zo2_lightning.engine.commit_log import CommitLog
 from zo2_lightning.engine.lockstep import Lockstep
 from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rules import UpdateRule
@@ -38,7 +39,7 @@ from zo2_lightning.engine.units import Unit
 class _Acquired:
     flats: list[torch.Tensor]  # the block's working-device flats
     dirty: bool  # values changed since upload
-    applied: int  # commits the working copy reflects
+    applied: int  # absolute position in the commit log up to which the working copy is updated
 
 
 class ZOEngine:
@@ -140,8 +141,7 @@ class ZOEngine:
         self._seeds: list[int] = [self.seed]  # one run seed per direction of the current step
         self._res_pert: dict[tuple[int, int], list[torch.Tensor]] = {}  # (direction, sign) -> resident copies
         self.spsa: UnitSPSA | None = None
-        self._commits: list[Commit] = []
-        self._applied: list[int] = []  # per block: how many commits it has absorbed
+        self._log = CommitLog(0)
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
         self._pair: Lockstep | None = None
         self._step = 0
@@ -176,7 +176,7 @@ class ZOEngine:
             unit = Unit.build(i, block.parameters(), trainable)
             block_param_ids.update(id(p) for p in unit.params)
             self.units.append(unit)
-        self._applied = [0] * len(self.units)
+        self._log = CommitLog(len(self.units))
         self.streamer = BlockStreamer(self.units, self.device, **self._stream_args)
         self.streamer.offload(before_pack=self._materialize_block)
         # everything outside the blocks lives on the working device
@@ -224,7 +224,7 @@ class ZOEngine:
                     module._buffers[name] = buf.to(dev)
         self._res_w, self._res_z, self._res_pert, self.spsa = [], [], {}, None
         self.units, self.resident, self.streamer = [], None, None
-        self._commits, self._applied, self._active = [], [], {}
+        self._log, self._active = CommitLog(0), {}
         self.attached = False
 
     def _reserve_resident(self, keys: Sequence[RunKey]) -> None:
@@ -256,7 +256,7 @@ class ZOEngine:
         self._step, self._eps = int(step), float(eps)
         self._seeds = [int(s) for s in seeds]
         self._one_sided = bool(one_sided)
-        self.spsa.prune_kept(self._step, {(c.step, c.seed) for c in self._commits})
+        self.spsa.prune_kept(self._step, self._log.keys())
         results = self._run_lockstep(fn, run_keys(len(self._seeds), self._one_sided))
         if self._one_sided:
             return [(results[(d, +1)], results[(0, 0)]) for d in range(len(self._seeds))]
@@ -321,7 +321,7 @@ class ZOEngine:
         c = step if isinstance(step, Commit) else self.candidate(step, g, lrs, weight_decays, seed, hyper)
         self.updates += 1
         c = dataclasses.replace(c, t=self.updates)
-        self._commits.append(c)
+        self._log.add(c)
         if self._auto_residency:
             self._plan_residency()
         assert self.resident is not None
@@ -360,14 +360,13 @@ class ZOEngine:
         try:
             self._release_all()
             for i in range(len(self.units)):
-                if self._applied[i] < len(self._commits):
+                if self._log.applied[i] < self._log.head:
                     self._arrive(i)
                     self._release(i)
         finally:
             self._flushing = False
         self.streamer.sync_host()
-        self._commits.clear()
-        self._applied = [0] * len(self.units)
+        self._log.clear()
 
     @property
     def sign(self) -> int | None:
@@ -389,19 +388,15 @@ class ZOEngine:
     @property
     def pending(self) -> int:
         """Number of block updates not yet applied."""
-        return sum(len(self._commits) - a for a in self._applied)
+        return self._log.pending
 
     # ================================================================== optimizer state
     def rule_state(self) -> dict[str, Any]:
         """For a checkpoint, after a flush: the update count and the rule's buffers per unit (as they live)."""
         self.flush()
         assert self.spsa is not None
-        units = {u.index: u for u in self._all_units()}
-        return {
-            "rule": self.rule.name,
-            "updates": self.updates,
-            "buffers": {i: bufs for i, bufs in self.spsa.state.items() if i in units},
-        }
+        return {"rule": self.rule.name, "updates": self.updates,
+                "buffers": self.spsa.state.state_dict(self._all_units())}
 
     def load_rule_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`rule_state` (after :meth:`attach`, before the first step).
@@ -416,16 +411,7 @@ class ZOEngine:
                 f" {self.rule.name!r}: resume with the optimizer that wrote it, or start a new fit from its weights"
             )
         self.updates = int(state.get("updates", 0))
-        units = {u.index: u for u in self._all_units()}
-        for i, saved in state.get("buffers", {}).items():
-            unit = units.get(int(i))
-            own = self.spsa.unit_state(unit) if unit is not None else None
-            shapes = [[tuple(b.shape) for b in bufs] for bufs in saved]
-            if own is None or shapes != [[tuple(b.shape) for b in bufs] for bufs in own]:
-                raise ValueError(f"the checkpoint's optimizer state for unit {i} does not fit this model ({shapes})")
-            for bufs_own, bufs_saved in zip(own, saved):
-                for b, v in zip(bufs_own, bufs_saved):
-                    b.copy_(v)
+        self.spsa.state.load_state_dict(self._all_units(), state.get("buffers", {}))
 
     def _all_units(self) -> list[Unit]:
         return [*self.units, *([self.resident] if self.resident is not None else [])]
@@ -446,8 +432,8 @@ class ZOEngine:
             self._release(j)
         if i not in self._active:
             flats = self.streamer.acquire(i)
-            dirty = self.spsa.catch_up(self.units[i], flats, self._commits[self._applied[i] :])
-            self._active[i] = _Acquired(flats, dirty, len(self._commits))
+            dirty = self.spsa.catch_up(self.units[i], flats, self._log.since(i))
+            self._active[i] = _Acquired(flats, dirty, self._log.head)
         for k in range(1, self.streamer.prefetch_depth + 1):
             self.streamer.prefetch(i + k)
         return self._active[i].flats
@@ -481,21 +467,11 @@ class ZOEngine:
         acquired = self._active.pop(j)
         lazy = (self.streamer.disk is not None and j not in self.streamer.resident and not self._flushing
                 and not self.rule.stateful)  # replaying a stateful update would advance its state twice
-        lag = acquired.applied - self._applied[j]  # updates the host copy has not absorbed
+        lag = acquired.applied - self._log.applied[j]  # updates the host copy has not absorbed
         write = acquired.dirty and not (lazy and lag < self.disk_flush_every)
         self.streamer.release(j, acquired.dirty, write_back=write)
         if write or not acquired.dirty:
-            self._applied[j] = acquired.applied
-        self._trim_commits()
-
-    def _trim_commits(self) -> None:
-        """Forget commits every host copy has absorbed (disk offload keeps up to disk_flush_every per block)."""
-        done = min(self._applied, default=0)
-        if done >= 64:
-            del self._commits[:done]
-            self._applied = [a - done for a in self._applied]
-            for acq in self._active.values():
-                acq.applied -= done
+            self._log.absorbed(j, acquired.applied)
 
     def _materialize_block(self, i: int) -> None:
         block = self.blocks[i]
