@@ -53,8 +53,8 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
 
     Per optimizer step the LightningModule's ``training_step`` runs twice, at theta + eps*z and theta - eps*z,
     in lockstep block by block (each block is uploaded once and both forwards use it); the projected gradient
-    ``g = (L+ - L-) / (2 eps)`` drives ``theta <- theta - lr * (g * z + wd * theta)``, applied to each block when
-    it next arrives. z is regenerated from ``(seed, global_step, block, tensor)``, never stored.
+    ``g = (L+ - L-) / (2 eps)`` drives ``theta <- theta - lr * (g * z + wd * theta)`` (or the rule of the ZO
+    optimizer used: momentum, Adam, ...), applied to each block when it next arrives. z is regenerated from ``(seed, global_step, block, tensor)``, never stored.
 
     With ``devices * num_nodes > 1`` every rank keeps its own host copy and streams to its own device; rank 0's
     weights and seed are broadcast once at setup, and after that a step exchanges only the measured losses
@@ -83,6 +83,11 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
             it again: one draw per parameter per step saved, one extra copy of the trainable parameters held on
             the working device. For models that fit (CPU training, ``zo2_resident``), where drawing z dominates.
+        micro_batches: split each batch into this many equal micro-batches along its first dimension and run all
+            of them, each at +eps and -eps, in lockstep: every block is uploaded once per step for all of them
+            (ZO2's transfer amortised over the batch) while each block's compute temporaries (attention scores,
+            MLP activations) exist for one micro-batch at a time. The step is the one ``accumulate_grad_batches``
+            would take over the same micro-batches: g averaged over them, one z.
         directions: with several ranks, ``"shared"``: all ranks perturb along the same z and g comes from the
             mean of L+ and L- over ranks (one all-reduce): exactly MeZO on the global batch, any world size
             resumes the run. ``"independent"``: rank r draws its own directions (seeds r*q .. r*q+q-1, q from
@@ -120,6 +125,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         disk_flush_every: int = 16,
         max_gpu_memory: int | None = None,
         keep_directions: bool = False,
+        micro_batches: int = 1,
         directions: Literal["shared", "independent"] = "shared",
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
@@ -147,7 +153,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
             start_method=start_method,
         )
         self._init_zo(offload_device, pin_memory, prefetch, resident_blocks, seed, max_consecutive_skips,
-                      storage_dtype, offload_dir, disk_flush_every, max_gpu_memory, keep_directions)
+                      storage_dtype, offload_dir, disk_flush_every, max_gpu_memory, keep_directions, micro_batches)
         self.directions = directions
         self._offload_root = offload_dir
 

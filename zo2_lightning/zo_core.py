@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from typing_extensions import override
 
+from zo2_lightning.batches import split_batch
 from zo2_lightning.checkpoint_io import AtomicCheckpointIO
 from zo2_lightning.engine import ZOEngine, direction_seed, projected_grad
 from zo2_lightning.engine.perturb import all_finite
@@ -68,6 +69,7 @@ class ZOStrategyCore:
         disk_flush_every: int = 16,
         max_gpu_memory: int | None = None,
         keep_directions: bool = False,
+        micro_batches: int = 1,
     ) -> None:
         """Validate and keep the ZO options (documented on the concrete strategy)."""
         if offload_device not in ("cpu", "disk", None):
@@ -88,6 +90,10 @@ class ZOStrategyCore:
             raise ValueError(f"storage_dtype={storage_dtype!r}: choose 'bf16', 'fp16' or None (the parameters' dtype)")
         if int(disk_flush_every) < 1:
             raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")
+        micro_batches = _as_number(int, "micro_batches", micro_batches)
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches
         self.offload_device = offload_device
         self.pin_memory = pin_memory
         self.prefetch = int(prefetch)
@@ -161,20 +167,25 @@ class ZOStrategyCore:
         optimizer = self._zo_optimizer()
         step = self.lightning_module.trainer.global_step
 
-        def run(key: Any) -> Any:
-            return module.training_step(*args, **kwargs)
+        chunks = self.micro_batches
+        parts = split_batch(args[0], chunks) if chunks > 1 else None
+
+        def run(key: Any) -> Any:  # key: (direction, sign, micro-batch)
+            if parts is None:
+                return module.training_step(*args, **kwargs)
+            return module.training_step(parts[key[2]], *args[1:], **kwargs)
 
         seeds = self._direction_seeds(optimizer.q)
         with self._zo_forward_mode(module), self.precision_plugin.train_step_context(), torch.no_grad():
-            outs = engine.run_directions(run, step=step, eps=optimizer.eps, seeds=seeds, one_sided=optimizer.one_sided)
+            per_chunk = engine.run_chunks(run, step, optimizer.eps, seeds, chunks, optimizer.one_sided)
         self._last_run = run if optimizer.conservative else None  # the trial runs the same batch again
-        measured: dict[int, tuple[float, float]] = {}
-        for seed, (out_plus, out_minus) in zip(seeds, outs):
-            loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
-            measured[seed] = (loss_plus.item(), loss_minus.item())  # sync point: g needs both on host
-        first_out = outs[0][0]
-        self._measured.append(measured)
-        return first_out
+        for outs in per_chunk:  # each micro-batch is measured as accumulate_grad_batches would measure it
+            measured: dict[int, tuple[float, float]] = {}
+            for seed, (out_plus, out_minus) in zip(seeds, outs):
+                loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
+                measured[seed] = (loss_plus.item(), loss_minus.item())  # sync point: g needs both on host
+            self._measured.append(measured)
+        return _mean_output([outs[0][0] for outs in per_chunk])
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -245,8 +256,10 @@ class ZOStrategyCore:
         assert run is not None and engine is not None
         self._last_run = None
         with self._zo_forward_mode(module, log=False), self.precision_plugin.train_step_context(), torch.no_grad():
-            outs = engine.run_trial(run, commits)
-        losses = self._reduce_values([_scalar_loss(out).item() for out in outs])
+            per_chunk = engine.run_trial(run, commits, self.micro_batches)
+        losses = self._reduce_values(
+            [sum(_scalar_loss(outs[k]).item() for outs in per_chunk) / len(per_chunk) for k in range(3)]
+        )
         if not all_finite(*losses):
             return [], 0  # nothing finite to compare: stay put
         choice = min(zip(losses, (1, 0, -1)), key=lambda lc: lc[0])[1]  # min keeps the first of equal losses
@@ -281,7 +294,9 @@ class ZOStrategyCore:
         log = module.log
 
         def log_plus_only(*args: Any, **kwargs: Any) -> None:
-            if log and (engine is None or engine.direction in (None, 0) and engine.sign in (None, +1)):
+            first = engine is None or (engine.direction in (None, 0) and engine.sign in (None, +1)
+                                       and engine.chunk in (None, 0))
+            if log and first:
                 log(*args, **kwargs)
 
         module.log = log_plus_only  # type: ignore[method-assign]
@@ -451,6 +466,15 @@ def _as_number(kind: type, name: str, value: Any) -> Any:
             f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
             f" (on the command line: offload.{name}=2)"
         ) from None
+
+
+def _mean_output(outputs: list[Any]) -> Any:
+    """What training_step hands Lightning for a split batch: the +eps runs' mean loss (the one output as is)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    losses = torch.stack([_scalar_loss(out) for out in outputs]).mean()
+    first = outputs[0]
+    return {**first, "loss": losses} if isinstance(first, dict) else losses
 
 
 def _scalar_loss(output: Any) -> Tensor:

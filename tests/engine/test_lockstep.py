@@ -91,3 +91,27 @@ def test_kept_directions_give_the_same_bits_with_one_draw_less_per_step(monkeypa
     for n in results[0]:
         assert torch.equal(results[0][n], results[1][n]), n
     assert draws[1] < draws[0]
+
+
+def test_autocast_with_its_cast_cache_on_still_gives_each_run_its_own_weights():
+    """torch.autocast caches the low-precision cast of a leaf parameter; the runs rebind the same Parameter to
+    other data, so a cached cast would hand the -eps run the +eps weights. The engine turns the cache off."""
+    model, batch = tiny_models.build("llama")
+    index = reference.seed_index(model)
+    z = reference.directions(model, SEED, step=0, index=index)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        expect = [reference.perturbed_loss(model, batch, tiny_models.loss, z, s * EPS) for s in (1, -1)]
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED)
+    engine.attach([list(model.parameters())])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # cache_enabled defaults to True
+        got = engine.run_pair(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS)
+        assert torch.is_autocast_cache_enabled()  # given back as it was
+        # the same with the autocast inside the runs, where the engine's switch cannot reach the cache flag
+        inner = engine.run_pair(lambda key: _in_autocast(model, batch), step=0, eps=EPS)
+    engine.detach()
+    assert [g.item() for g in got] == [e.item() for e in expect] == [g.item() for g in inner]
+
+
+def _in_autocast(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return tiny_models.loss(model, batch)

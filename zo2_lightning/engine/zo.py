@@ -253,39 +253,67 @@ class ZOEngine:
         ``one_sided``: the forward-difference estimate; the q runs at +eps and one run ``fn((0, 0))`` at theta
         itself (q + 1 forwards); returns ``[(out+, out0)]`` per direction, ``out0`` the same object for all.
         """
+        return self.run_chunks(lambda key: fn(key[:2]), step, eps, seeds, 1, one_sided)[0]
+
+    def run_chunks(
+        self,
+        fn: Callable[[Any], Any],
+        step: int,
+        eps: float,
+        seeds: Sequence[int],
+        chunks: int,
+        one_sided: bool = False,
+    ) -> list[list[tuple[Any, Any]]]:
+        """:meth:`run_directions` for ``chunks`` micro-batches at once: ``fn((d, s, m))`` runs micro-batch ``m``,
+        and all ``chunks`` x 2q runs share one residency of each block (the transfer is paid once per step, not
+        once per micro-batch; each block's compute temporaries exist for one micro-batch at a time). Returns
+        ``[[(out+, out-) per direction] per chunk]``.
+        """
         self._step, self._eps = int(step), float(eps)
         self._seeds = [int(s) for s in seeds]
         self._one_sided = bool(one_sided)
         self.spsa.prune_kept(self._step, self._log.keys())
-        results = self._run_lockstep(fn, run_keys(len(self._seeds), self._one_sided))
+        results = self._run_lockstep(fn, run_keys(len(self._seeds), self._one_sided), chunks)
+        q = range(len(self._seeds))
         if self._one_sided:
-            return [(results[(d, +1)], results[(0, 0)]) for d in range(len(self._seeds))]
-        return [(results[(d, +1)], results[(d, -1)]) for d in range(len(self._seeds))]
+            return [[(results[(d, +1, m)], results[(0, 0, m)]) for d in q] for m in range(chunks)]
+        return [[(results[(d, +1, m)], results[(d, -1, m)]) for d in q] for m in range(chunks)]
 
-    def run_trial(self, fn: Callable[[Any], Any], commits: Sequence[Commit]) -> tuple[Any, Any, Any]:
-        """The three runs of a conservative step (ZO-SGD-Cons), in lockstep: ``fn`` at theta after ``commits``
-        (the step), at theta (no step) and at theta after the commits reversed. Returns the three results in
-        that order; nothing is committed. The candidates are computed exactly as the commits would be applied,
-        so committing the chosen one gives the parameters its run saw, bit for bit. Needs a stateless rule.
+    def run_trial(
+        self, fn: Callable[[Any], Any], commits: Sequence[Commit], chunks: int = 1
+    ) -> list[tuple[Any, Any, Any]]:
+        """The three runs of a conservative step (ZO-SGD-Cons), in lockstep: ``fn((0, s, m))`` at theta after
+        ``commits`` (the step, s=+1), at theta (s=0) and at theta after the commits reversed (s=-1), for each
+        micro-batch m. Returns ``[(out_step, out_none, out_reversed)]`` per chunk; nothing is committed. The
+        candidates are computed exactly as the commits would be applied, so committing the chosen one gives
+        the parameters its run saw, bit for bit. Needs a stateless rule.
         """
         if self.rule.stateful:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
         self._trial = list(commits)
         try:
-            results = self._run_lockstep(fn, TRIAL_KEYS)
+            results = self._run_lockstep(fn, TRIAL_KEYS, chunks)
         finally:
             self._trial = None
-        return results[(0, +1)], results[(0, 0)], results[(0, -1)]
+        return [(results[(0, +1, m)], results[(0, 0, m)], results[(0, -1, m)]) for m in range(chunks)]
 
-    def _run_lockstep(self, fn: Callable[[Any], Any], keys: list[RunKey]) -> dict[RunKey, Any]:
+    def _run_lockstep(self, fn: Callable[[Any], Any], keys: list[RunKey], chunks: int) -> dict[Any, Any]:
+        """Every (direction, sign) of ``keys`` for each chunk, as lockstep runs keyed ``(d, s, m)``."""
+        if int(chunks) < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
         self._release_all()
         self.spsa.reserve(keys)
         self._reserve_resident(keys)
         self._prepare_resident()
         self._pair = Lockstep(self._activate, self._transition)
+        # autocast caches the cast of a leaf Parameter, but the runs rebind one Parameter to different data:
+        # a cached cast would give one run another's weights (Lightning's own autocast keeps the cache off too)
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
         try:
-            return self._pair.run(fn, keys)
+            return self._pair.run(fn, [(*k, m) for m in range(int(chunks)) for k in keys])
         finally:
+            torch.set_autocast_cache_enabled(cache)
             self._pair = None
             self._signed_block = None
             self._release_all()
@@ -380,6 +408,12 @@ class ZOEngine:
         key = self._pair.key if self._pair is not None else None
         return key[0] if key is not None else None
 
+    @property
+    def chunk(self) -> int | None:
+        """The micro-batch index of the perturbed run executing now, else None."""
+        key = self._pair.key if self._pair is not None else None
+        return key[2] if key is not None else None
+
     def release_blocks(self) -> None:
         """Let go of the blocks an evaluation forward left on the device."""
         if self.streamer is not None and self._pair is None:
@@ -448,10 +482,12 @@ class ZOEngine:
             self.spsa.perturb(unit, flats, self._step, self._eps, self._seeds, signs=self._signs)
         self._signed_block = i
 
-    def _activate(self, key: tuple[int, int]) -> None:
-        """The run ``(direction, sign)`` is about to execute: every parameter it may read holds its perturbation
-        (sign 0: none)."""
+    def _activate(self, run: tuple[int, int, int]) -> None:
+        """The run ``(direction, sign, chunk)`` is about to execute: every parameter it may read holds its
+        perturbation (sign 0: none)."""
         assert self.resident is not None
+        torch.clear_autocast_cache()  # a user's own autocast may cache casts of the previous run's weights
+        key = run[:2]
         i = self._signed_block
         if key[1] == 0:
             self.resident.bind(self._res_w)
