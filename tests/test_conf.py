@@ -23,8 +23,8 @@ from zo2_lightning.tasks import PromptDataModule, SyntheticDataModule, TextFileD
 
 CONF = find_conf_dir()
 RUN_DIR = tempfile.mkdtemp(prefix="zo2_conf_test_")
-GROUPS = ["model", "precision", "offload", "optimizer", "scheduler", "task", "module", "trainer", "logger",
-          "callbacks", "paths", "experiment", "hparams_search"]
+GROUPS = ["model", "tuning", "precision", "offload", "optimizer", "scheduler", "task", "module", "trainer",
+          "logger", "callbacks", "paths", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")) if not p.stem.startswith("_")]
 TINY = ["tiny", "llama_tiny", "qwen_tiny", "roberta_tiny"]
 PUBLISHED = {  # nominal parameter counts of the published shapes

@@ -27,6 +27,9 @@ from zo2_lightning.config import CONF_DIR, accepts, check_types, instantiate_eac
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate everything a run needs from a composed config.
 
+    The ``tuning`` config (:func:`zo2_lightning.tuning.tuning`) prepares the model in place before the
+    LightningModule is built, so the optimizer is handed only the parameters it leaves trainable.
+
     Args:
         cfg: a composed ``train`` or ``eval`` config with ``paths.output_dir`` resolved.
 
@@ -40,6 +43,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     check_types(cfg)
     precision = instantiate(cfg.precision)
     bundle = instantiate(cfg.model, _convert_="all")
+    if cfg.get("tuning"):  # which parameters train (full, LoRA, prefix, head): set before the module sees them
+        instantiate(cfg.tuning, _convert_="all")(bundle.model)
     extra = {"tokenizer": bundle.tokenizer} if accepts(cfg.task, "tokenizer") else {}
     datamodule = instantiate(cfg.task, **extra, _convert_="all")
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
