@@ -12,6 +12,7 @@ task's headline number in percent (accuracy or F1), which experiments select che
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -68,8 +69,11 @@ class LMTask(ZOModule, L.LightningModule):
 
     # ------------------------------------------------------------------ scoring
     def logits(self, batch: dict) -> torch.Tensor:
-        """The model's logits for a batch (only ``input_ids`` and ``attention_mask`` are passed)."""
-        return self.model(**{k: batch[k] for k in _MODEL_INPUTS}).logits
+        """The model's logits for a batch (only ``input_ids`` and ``attention_mask`` are passed; a decoder is
+        told not to build a KV cache, which a scoring forward never reads and which every lockstep run would
+        otherwise hold until the step ends)."""
+        extra = {"use_cache": False} if _takes_use_cache(self.model) else {}
+        return self.model(**{k: batch[k] for k in _MODEL_INPUTS}, **extra).logits
 
     def loss(self, batch: dict) -> torch.Tensor:
         """The training loss of a batch: LM loss, or cross-entropy over candidate / label-word scores."""
@@ -147,3 +151,7 @@ class LMTask(ZOModule, L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    return "use_cache" in inspect.signature(model.forward).parameters

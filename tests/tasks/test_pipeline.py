@@ -134,3 +134,14 @@ def test_generation_is_scored_by_squad_f1_and_em(task, tmp_path):
 
     train = dm.train_collator()(examples)  # trained on " answer\n" after the prompt
     assert (train["labels"] != -100).sum().item() == sum(len(f" {ex.answers[0]}\n".encode()) for ex in examples)
+
+
+def test_scoring_forwards_build_no_kv_cache():
+    """A decoder's scoring forward would otherwise build a KV cache that every lockstep run holds to the end."""
+    from tests import tiny_models
+
+    model, batch = tiny_models.build("opt")
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.past_key_values))
+    LMTask(model).logits({"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"])})
+    assert seen == [None]
