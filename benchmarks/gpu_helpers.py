@@ -52,10 +52,10 @@ PRECISIONS = {
         "as bf16_storage with fp16 host copies (conf precision=fp16_storage, ZO2's storage dtype)"),
     "bf16_weights": Precision(
         torch.bfloat16, None, None,
-        "bf16 weights on host and GPU, bf16 compute; updates round to nearest in bf16, so MeZO-size updates"
-        " are lost (the strategy refuses this as bf16-true): the least GPU memory, for the comparison only"),
+        "bf16 weights on host and GPU, bf16 compute (the strategy's precision='bf16-true'): each update runs"
+        " in fp32 and is stochastically rounded back, so none is lost; the least GPU memory"),
     "fp16_weights": Precision(
-        torch.float16, None, None, "as bf16_weights in fp16 (ZO2's own setting, same rounding caveat)"),
+        torch.float16, None, None, "as bf16_weights in fp16 (ZO2's own setting; the strategy refuses fp16 weights, which overflow)"),
 }
 
 

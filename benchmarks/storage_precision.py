@@ -1,4 +1,4 @@
-"""CPU: does 16-bit host storage lose MeZO updates? fp32 vs bf16 round-to-nearest vs bf16 stochastic rounding.
+"""CPU: do 16-bit weights lose MeZO updates? fp32 vs bf16 storage / bf16 weights, round-to-nearest vs stochastic.
 
     python benchmarks/storage_precision.py                   # 400 steps, ~1-2 minutes on 2 cores
     python benchmarks/storage_precision.py --steps 50 --no-save
@@ -7,8 +7,10 @@ A tiny OPT-style model fits a fixed set of token sequences with MeZO-SGD on its 
 embeddings and head, always fp32, stay frozen) at a small learning rate, so that
 a typical update (lr * |g * z|) sits below half a bf16 ulp of a typical weight. The engine (no Lightning)
 streams the blocks with their host copies in fp32, in bf16 with round-to-nearest write-back, and in bf16
-with seeded stochastic rounding; same seed, same data, same directions. Prints the loss at the start and
-the end of each run and appends the table to benchmarks/RESULTS.md.
+with seeded stochastic rounding (fp32 working copies); then with the whole model in bf16 (``bf16-weights``:
+precision='bf16-true', compute in bf16, each update in fp32 rounded back to the bf16 weights) with either
+rounding; same seed, same data, same directions. Prints the loss at the start and the end of each run and
+appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ def loss_of(model, batch) -> float:
 
 def train(storage: str, steps: int, lr: float, eps: float, batch: dict) -> tuple[float, float, float]:
     model = build()
-    dtype = None if storage == "fp32" else torch.bfloat16
+    weights16 = storage.startswith("bf16-weights")
+    if weights16:
+        model.to(torch.bfloat16)  # the blocks' values are bf16-representable already: the same starting point
+    dtype = None if storage == "fp32" or weights16 else torch.bfloat16
     engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=7, storage_dtype=dtype,
-                      stochastic_rounding=storage != "bf16-nearest")
+                      stochastic_rounding=not storage.endswith("nearest"))
     # only the streamed blocks are trained: the resident part (embeddings, head, final norm) is always fp32,
     # so training it too would hide what block storage does
     engine.attach([[p for b in discover_blocks(model) for p in b.parameters()]])
@@ -75,12 +80,16 @@ def main() -> None:
     ids = torch.randint(0, 128, (8, 24), generator=g)
     batch = {"input_ids": ids, "labels": ids}
 
-    rows = {s: train(s, args.steps, args.lr, args.eps, batch) for s in ("fp32", "bf16-nearest", "bf16-stochastic")}
+    variants = ("fp32", "bf16-nearest", "bf16-stochastic", "bf16-weights-nearest", "bf16-weights-stochastic")
+    rows = {s: train(s, args.steps, args.lr, args.eps, batch) for s in variants}
     fp32_drop = rows["fp32"][0] - rows["fp32"][1]
     lines = [
         f"### storage_precision ({time.strftime('%Y-%m-%d %H:%M')}, CPU)",
         "",
         f"tiny OPT (4 layers, hidden 64), {args.steps} MeZO steps, lr {args.lr}, eps {args.eps}, fixed batch 8 x 24",
+        "",
+        "bf16-nearest / -stochastic: fp32 working weights, bf16 host copies; bf16-weights-*: the model in bf16"
+        " (precision='bf16-true'), its own start loss",
         "",
         "| block storage | start loss | end loss | end / fp32 end | share of fp32's loss drop | ms/step |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -4,7 +4,8 @@
 
 It shares only the *specification* of z with the engine (``derive_seed`` and the (block, tensor) numbering:
 blocks in ``discover_blocks`` order and tensors in ``parameters()`` order among the trainable ones; everything
-else is the resident unit). Perturbed forwards go through ``torch.func.functional_call`` on copies; nothing
+else is the resident unit), and for 16-bit parameters that of the stochastic rounding (its function, chunk size
+and seeds). Perturbed forwards go through ``torch.func.functional_call`` on copies; nothing
 is streamed, deferred or packed.
 """
 
@@ -17,6 +18,9 @@ from torch import nn
 from torch.func import functional_call
 
 from zo2_lightning.engine import RESIDENT_UNIT, derive_seed, direction_seed, discover_blocks
+from zo2_lightning.engine.rounding import stochastic_round
+from zo2_lightning.engine import spsa as engine_spsa
+from zo2_lightning.engine.spsa import HALF_DTYPES, HALF_TAG
 
 
 def seed_index(model: nn.Module, trainable: set[int] | None = None) -> dict[str, tuple[int, int]]:
@@ -121,7 +125,7 @@ def mezo_reference(
     for k in range(len(batches) // micro_batches):
         step = start_step + k
         step_lr = lr[k] if isinstance(lr, Sequence) else lr
-        updates = []
+        updates, seeds_of = [], {}
         for d in range(q):
             z = directions(model, direction_seed(seed, d), step, index, distribution)
             gs, lps, lms = [], [], []
@@ -140,6 +144,7 @@ def mezo_reference(
                 g = max(-clip, min(clip, g))
             used = float((g > 0) - (g < 0)) if sign else g
             updates.append((used / q if q > 1 else used, z))
+            seeds_of[id(z)] = direction_seed(seed, d)
             history.append((sum(lps) / len(lps), sum(lms) / len(lms), g))
         sign_of_lr = 1
         if conservative:  # q = 1: one update (g, z)
@@ -160,8 +165,27 @@ def mezo_reference(
                 continue
             for n in index:
                 r = sign_of_lr * (lr_of[n] if lr_of is not None else step_lr)
-                params[n].data = _sgd(params[n], z, g, r, weight_decay, n)
+                if params[n].dtype in HALF_DTYPES:
+                    params[n].data = _sgd_half(params[n], z[n], g, r, weight_decay, seeds_of[id(z)], step, index[n])
+                else:
+                    params[n].data = _sgd(params[n], z, g, r, weight_decay, n)
     return history
+
+
+def _sgd_half(p, z, g, r, weight_decay, seed, step, unit_tensor):
+    """A 16-bit parameter's update: in fp32, chunk by chunk, each stochastically rounded back with the seed the
+    engine's specification gives (zo2_lightning.engine.spsa.HALF_CHUNK / HALF_TAG)."""
+    unit, j = unit_tensor
+    flat, zf = p.detach().reshape(-1), z.reshape(-1)
+    out = torch.empty_like(flat)
+    chunk = engine_spsa.HALF_CHUNK  # read at call time: tests shrink it to exercise several chunks
+    for i, start in enumerate(range(0, flat.numel(), chunk)):
+        part = slice(start, start + chunk)
+        theta, zz = flat[part].float(), zf[part].float()
+        new = theta - r * (g * zz + weight_decay * theta) if weight_decay else theta - r * (g * zz)
+        gen = torch.Generator().manual_seed(derive_seed(seed, step, unit, HALF_TAG + (j << 20) + i))
+        out[part] = stochastic_round(new, p.dtype, gen)
+    return out.view_as(p)
 
 
 def _sgd(p: torch.Tensor, z: dict[str, torch.Tensor], g: float, r: float, weight_decay: float, n: str) -> torch.Tensor:

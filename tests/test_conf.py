@@ -108,7 +108,7 @@ def test_tiny_models_get_a_larger_lr_than_real_ones():
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "precision"])
 def test_precision_policies(option):
     policy = instantiate(cfg_for(f"precision={option}").precision)
-    assert isinstance(policy, PrecisionPolicy) and policy.trainer_precision in ("32-true", "bf16-mixed")
+    assert isinstance(policy, PrecisionPolicy) and policy.trainer_precision in ("32-true", "bf16-mixed", "bf16-true")
     strategy_cls = zo2_lightning.ZO2OffloadStrategy
     kwargs = policy.strategy_kwargs(strategy_cls)
     assert ("storage_dtype" in kwargs) == (policy.storage_dtype is not None)

@@ -14,15 +14,15 @@ def _fit(task, **kwargs):
     trainer(max_steps=1, **kwargs).fit(task, loader(tiny_models.batches("opt", 1)))
 
 
-@pytest.mark.parametrize("precision,needle", [("16-mixed", "GradScaler"), ("bf16-true", "round away")])
+@pytest.mark.parametrize("precision,needle", [("16-mixed", "GradScaler"), ("16-true", "overflow")])
 def test_unsupported_precision_is_refused(precision, needle):
     # on CPU Lightning itself rewrites 16-mixed to bf16-mixed, so pass the plugin the GPU would get
     from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 
-    plugin = MixedPrecision("16-mixed", "cuda") if precision == "16-mixed" else HalfPrecision("bf16-true")
+    plugin = MixedPrecision("16-mixed", "cuda") if precision == "16-mixed" else HalfPrecision("16-true")
     with pytest.raises(ValueError, match=needle) as err:
         _fit(TinyTask(), plugins=[plugin])
-    assert "precision='bf16-mixed'" in str(err.value)
+    assert "precision='bf16-true'" in str(err.value)
 
 
 def test_manual_optimization_is_refused():

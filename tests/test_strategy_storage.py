@@ -1,7 +1,8 @@
 """Through the Trainer: 16-bit storage and disk offload change where the weights live, not the numbers."""
 
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests import tiny_models
 from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
@@ -60,3 +61,68 @@ def test_keep_directions_changes_nothing_but_the_draws():
     _fit(plain, batches, 3)
     _fit(kept, batches, 3, keep_directions=True)
     assert_params_equal(kept.model, plain.model, initial)
+
+
+# ---------------------------------------------------------------------------------------- 16-bit working weights
+@pytest.mark.parametrize("chunk", [1 << 22, 7], ids=["one-chunk", "chunks-of-7"])
+def test_bf16_true_weights_update_in_fp32_with_stochastic_rounding_as_specified(monkeypatch, chunk):
+    """precision='bf16-true': bf16 parameters (half the bytes of every slot and copy); each update runs in fp32
+    and is stochastically rounded back, tensor by tensor and chunk by chunk, equal to the reference bitwise."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from tests import reference
+    from zo2_lightning.engine import spsa
+
+    monkeypatch.setattr(spsa, "HALF_CHUNK", chunk)
+    batches = tiny_models.batches("llama", 3)
+    task = TinyTask("llama", lr=5e-3, weight_decay=0.01)
+    task.model.to(torch.bfloat16)
+    expected, initial = clone_model(task), clone_model(task)
+    strategy = ZO2OffloadStrategy(seed=SEED)
+    strategy._force_copies = True
+    trainer(strategy=strategy, max_steps=3, plugins=[HalfPrecision("bf16-true")]).fit(task, loader(batches))
+    assert all(p.dtype == torch.bfloat16 for p in task.model.parameters())
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=1e-3, lr=5e-3, weight_decay=0.01)
+    assert_params_equal(task.model, expected, initial)
+
+
+def test_stochastic_rounding_keeps_updates_far_below_a_bf16_ulp_that_rounding_to_nearest_loses():
+    from zo2_lightning.engine import ZOEngine, discover_blocks
+
+    changed = {}
+    for sr in (True, False):
+        model, batch = tiny_models.build("opt")
+        model.to(torch.bfloat16)
+        before = [p.detach().clone() for p in model.parameters()]
+        engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, stochastic_rounding=sr)
+        engine.attach([list(model.parameters())])
+        with torch.no_grad():
+            for step in range(3):
+                lp, lm = engine.run_pair(lambda key: tiny_models.loss(model, batch), step=step, eps=1e-2)
+                engine.commit(step, 1.0, [1e-5], [0.0])
+        engine.detach()
+        # where |w| >= 2^-6 a bf16 ulp is >= 1.2e-4: an update of 1e-5 * |z| (|z| < 6) is below half of it
+        changed[sr] = sum(int(((p != b) & (b.abs() >= 2**-6)).sum()) for p, b in zip(model.parameters(), before))
+    assert changed[False] == 0 < changed[True]
+
+
+def test_adam_state_of_bf16_weights_is_fp32():
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from zo2_lightning import ZOAdam
+
+    class Task(TinyTask):
+        def configure_optimizers(self):
+            return ZOAdam(self.parameters(), lr=1e-3, eps=1e-3)
+
+    dtypes = set()
+
+    class Record(Callback):
+        def on_train_end(self, trainer, module):
+            state = trainer.strategy.engine.spsa.state.buffers
+            dtypes.update(b.dtype for segs in state.values() for bufs in segs for b in bufs)
+
+    task = Task("opt")
+    trainer(max_steps=2, plugins=[HalfPrecision("bf16-true")], callbacks=[Record()]).fit(
+        task, loader(tiny_models.batches("opt", 2)))
+    assert dtypes == {torch.float32}

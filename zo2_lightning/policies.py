@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_TRAINER_PRECISION = ("32-true", "bf16-mixed")
+SUPPORTED_TRAINER_PRECISION = ("32-true", "bf16-mixed", "bf16-true")
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,8 @@ class PrecisionPolicy:
     """Compute precision, the dtype weights are built in, and the offload engine's storage dtype.
 
     Args:
-        trainer_precision: Lightning's ``precision=`` (``32-true`` or ``bf16-mixed``; the strategy refuses
-            the others).
+        trainer_precision: Lightning's ``precision=`` (``32-true``, ``bf16-mixed`` or ``bf16-true``; the strategy
+            refuses the others).
         model_dtype: dtype of the weights when the model is built (the host copy).
         storage_dtype: dtype the offload engine keeps host copies in and uploads (``None``: the model's);
             updates are written back with seeded stochastic rounding.
@@ -40,7 +40,7 @@ class PrecisionPolicy:
         if str(self.trainer_precision) not in SUPPORTED_TRAINER_PRECISION:
             raise ValueError(
                 f"precision {self.trainer_precision!r} is not supported by zo2_offload: use one of"
-                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32 or precision=bf16-mixed)."
+                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32, bf16-mixed or bf16_true)."
             )
 
     def strategy_kwargs(self, strategy_cls: type | None = None) -> dict[str, Any]:

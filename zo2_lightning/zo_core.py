@@ -22,7 +22,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -422,17 +422,18 @@ class ZOStrategyCore:
             type(plugin) is Precision
             or isinstance(plugin, DoublePrecision)
             or (isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed")
+            or (isinstance(plugin, HalfPrecision) and plugin.precision == "bf16-true")
         )
         if not supported:
             name = getattr(plugin, "precision", type(plugin).__name__)
             hint = {
                 "16-mixed": "fp16 AMP needs a GradScaler for gradients that ZO never computes",
-                "bf16-true": "bf16 master weights would round away MeZO-size updates (~1e-6)",
-                "16-true": "fp16 master weights would round away MeZO-size updates (~1e-6)",
+                "16-true": "fp16 weights overflow where bf16 ones do not (both get stochastically rounded updates)",
             }.get(str(name), "it is not supported by the ZO step")
             raise ValueError(
-                f"zo2_offload does not support precision={name!r}: {hint}. Use `Trainer(precision='bf16-mixed')`"
-                " (bf16 compute, fp32 masters) or `precision='32-true'`."
+                f"zo2_offload does not support precision={name!r}: {hint}. Use `Trainer(precision='bf16-true')`"
+                " (bf16 weights, updates in fp32 with stochastic rounding), 'bf16-mixed' (bf16 compute over fp32"
+                " weights) or '32-true'."
             )
 
 

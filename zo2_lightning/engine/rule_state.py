@@ -6,7 +6,7 @@
 A streamed block's buffers live at ``home`` (host memory, pinned when ``device`` is CUDA), next to the block's
 host copy: they travel to the device with the block for its update and come back after it, so the device never
 holds more than one block's state. The resident unit's (everything outside the blocks) live on ``device``.
-Buffers are created, zeroed, at a unit's first update.
+Buffers are created, zeroed, at a unit's first update, in the parameters' dtype (fp32 for 16-bit ones).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class RuleState:
         if unit.index not in self.buffers:
             home = self._home_of(unit)
             pin = home.type == "cpu" and self.device.type == "cuda"
-            self.buffers[unit.index] = [
-                self.rule.new_state(seg.trainable_numel, seg.dtype, home, pin) for seg in unit.segments
+            self.buffers[unit.index] = [  # 16-bit parameters keep fp32 state (their update runs in fp32)
+                self.rule.new_state(seg.trainable_numel, _state_dtype(seg.dtype), home, pin) for seg in unit.segments
             ]
         return self.buffers[unit.index]
 
@@ -86,3 +86,7 @@ class RuleState:
             for bufs_own, bufs in zip(own, bufs_saved):
                 for b, v in zip(bufs_own, bufs):
                     b.copy_(v)
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype

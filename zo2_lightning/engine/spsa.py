@@ -25,6 +25,12 @@ from zo2_lightning.engine.seeds import derive_seed, draw_direction
 from zo2_lightning.engine.units import Unit
 
 _ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
+#: 16-bit working tensors: the update runs in fp32 over chunks of this many elements (bounding its temporaries),
+#: each chunk stochastically rounded back with the seed derive_seed(seed, step, unit, HALF_TAG + (j << 20) + chunk)
+#: for trainable tensor j of the unit (the reference in tests/reference.py follows this specification)
+HALF_CHUNK = 1 << 22
+HALF_TAG = 1 << 41
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 RunKey = tuple[int, int]  # (direction, sign); sign 0: the unperturbed run of a one-sided estimate or a trial
 
@@ -211,23 +217,42 @@ class UnitSPSA:
         return [torch.empty(n, dtype=dt, device=self.device) for dt, n in shape]
 
     def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
-        """The rule's update of the unit's trainable tensors with ``grad = c.g * z``; z is consumed."""
+        """The rule's update of the unit's trainable tensors with ``grad = c.g * z``; z is consumed.
+
+        16-bit working tensors (bf16 / fp16 parameters) are updated in fp32 and stochastically rounded back, so
+        MeZO-size updates are not lost (:meth:`_apply_half`); the rule's state for them is fp32.
+        """
         rule = self.rule
         state = self.state.borrow(unit)  # per segment, the rule's buffers where the update runs
         groups = [self.group_of[id(p)] for p in unit.trainable_params]
         hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
-        if len(hyper) == 1:  # one op over each segment's trainable head
+        half = any(seg.trainable_numel and seg.dtype in HALF_DTYPES for seg in unit.segments)
+        if len(hyper) == 1 and not half:  # one op over each segment's trainable head
             lr, wd = hyper.pop()
             for seg, w, zz, st in zip(unit.segments, flats, z, state):
                 n = seg.trainable_numel
                 if n:
                     rule.apply_(w[:n], zz[:n], st, c.g, lr, wd, c.hyper, c.t)
-        else:
+        else:  # tensor by tensor, in seed order
             per_tensor = [unit.trainable_views(list(bufs)) for bufs in zip(*state)] if rule.stateful else []
-            for k, (w, zz, g) in enumerate(zip(unit.trainable_views(flats), unit.trainable_views(z), groups)):
-                st = [views[k] for views in per_tensor]
-                rule.apply_(w, zz, st, c.g, c.lrs[g], c.weight_decays[g], c.hyper, c.t)
+            for j, (w, zz, g) in enumerate(zip(unit.trainable_views(flats), unit.trainable_views(z), groups)):
+                st = [views[j] for views in per_tensor]
+                if w.dtype in HALF_DTYPES:
+                    self._apply_half(unit, j, w, zz, st, c, c.lrs[g], c.weight_decays[g])
+                else:
+                    rule.apply_(w, zz, st, c.g, c.lrs[g], c.weight_decays[g], c.hyper, c.t)
         self.state.give_back(unit, state)
+
+    def _apply_half(self, unit: Unit, j: int, w: torch.Tensor, z: torch.Tensor, state: list[torch.Tensor],
+                    c: Commit, lr: float, wd: float) -> None:
+        """Tensor ``j`` of ``unit`` in 16 bit: the rule in fp32 on chunks, each rounded back (see HALF_CHUNK)."""
+        wf, zf, sf = w.view(-1), z.view(-1), [s.view(-1) for s in state]
+        for i, start in enumerate(range(0, wf.numel(), HALF_CHUNK)):
+            part = slice(start, start + HALF_CHUNK)
+            theta = wf[part].float()
+            self.rule.apply_(theta, zf[part].float(), [s[part] for s in sf], c.g, lr, wd, c.hyper, c.t)
+            self.generator.manual_seed(derive_seed(c.seed, c.step, unit.index, HALF_TAG + (j << 20) + i))
+            wf[part].copy_(self._round(theta, w.dtype, self.generator))
 
     def round_to_storage(self, unit: Unit, flats: list[torch.Tensor], c: Commit) -> None:
         """With 16-bit storage, make the updated working values representable in it right away, so the
