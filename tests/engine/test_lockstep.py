@@ -115,3 +115,18 @@ def test_autocast_with_its_cast_cache_on_still_gives_each_run_its_own_weights():
 def _in_autocast(model, batch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return tiny_models.loss(model, batch)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_a_block_needs_one_perturbed_copy_and_one_z_per_direction(q):
+    """The runs take turns at a block, so one perturbed copy serves them all (rebuilt per run, same values):
+    block scratch is q z buffers + 1 copy, not 1 z + 2q copies."""
+    model, batch = tiny_models.build("llama")
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, force_copies=True)
+    engine.attach([list(model.parameters())])
+    seeds = [SEED + k for k in range(q)]
+    with torch.no_grad():
+        engine.run_directions(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS, seeds=seeds)
+    names = set(engine.spsa._scratch)
+    engine.detach()
+    assert names == {"z", "P", *[("z", d) for d in range(1, q)]}

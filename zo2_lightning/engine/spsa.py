@@ -1,8 +1,13 @@
 """SPSA on units: directions drawn per tensor, perturbed copies, and commits applied to flat buffers.
 
 ``spsa = UnitSPSA(device, group_of, storage_dtype=None, rule=AdamRule())``; ``spsa.size_for(units)``;
-``spsa.reserve(keys)``; ``spsa.perturb(unit, flats, step, eps, seeds)``, ``spsa.catch_up(unit, flats, commits)``,
-``spsa.trial(unit, flats, commits, out)``
+``spsa.reserve(keys)``; ``zs = spsa.directions_of(unit, step, seeds)``, then per run
+``spsa.perturb_one(unit, flats, zs[d], s * eps, spsa.views("P", unit))``; ``spsa.catch_up(unit, flats, commits)``;
+``spsa.trial(unit, flats, commits, out)``; ``spsa.perturb(unit, flats, step, eps, seeds, out, z)`` (all copies at once)
+
+A block's scratch is one z per direction and one perturbed copy ``"P"``, rebuilt for each run as it takes its
+turn at the block (same values every time, so the runs stay bitwise what they were); a conservative trial
+adds a second copy ``"P2"``.
 
 The engine decides *when* (block arrivals, flushes) and *where* (device slots); this module does the
 arithmetic on one unit at a time with the formulas of :mod:`.perturb` and the update rule of :mod:`.rules`,
@@ -51,6 +56,11 @@ class Commit:
         """The step taken backwards (``-lr``): the opposite candidate of a conservative step."""
         return Commit(self.step, self.g, tuple(-lr for lr in self.lrs), self.weight_decays, self.seed,
                       self.hyper, self.t)
+
+
+def z_name(d: int) -> object:
+    """The scratch name of direction ``d``'s z ("z", which catch-up also draws into before the perturbation)."""
+    return "z" if d == 0 else ("z", d)
 
 
 def run_keys(q: int, one_sided: bool = False) -> list[RunKey]:
@@ -113,10 +123,12 @@ class UnitSPSA:
             for seg in unit.segments:
                 self._sizes[seg.dtype] = max(self._sizes.get(seg.dtype, 0), seg.trainable_numel)
 
-    def reserve(self, keys: Sequence[RunKey]) -> None:
-        """Scratch for z and a perturbed copy per run key (allocated once per new key; a no-op after)."""
-        for key in ["z", *[k for k in keys if k[1] != 0]]:
-            bufs = self._scratch.setdefault(key, {})
+    def reserve(self, keys: Sequence[RunKey], copies: int = 1) -> None:
+        """Scratch for a z per direction of ``keys`` and ``copies`` perturbed copies (allocated once; a no-op
+        after)."""
+        directions = sorted({d for d, s in keys if s != 0} | {0})
+        for name in [*(z_name(d) for d in directions), *["P", "P2"][:copies]]:
+            bufs = self._scratch.setdefault(name, {})
             for dt, n in self._sizes.items():
                 if n and (dt not in bufs or bufs[dt].numel() < n):
                     bufs[dt] = torch.empty(n, dtype=dt, device=self.device)
@@ -136,6 +148,29 @@ class UnitSPSA:
         for j, zz in enumerate(unit.trainable_views(z)):
             draw_direction(zz, derive_seed(seed, step, unit.index, j), self.generator, self.distribution)
 
+    def directions_of(self, unit: Unit, step: int, seeds: Sequence[int]) -> list[list[torch.Tensor]]:
+        """z of every direction for ``unit`` at ``step``, drawn once: into buffers that wait for the update
+        (``keep_directions``) or into the block scratch."""
+        out = []
+        for d, seed in enumerate(seeds):
+            if self.keep_directions:
+                key = (unit.index, step, seed)
+                if key not in self._kept:
+                    self._kept[key] = self._buffers(unit)
+                z = self._kept[key]
+            else:
+                z = self.views(z_name(d), unit)
+            self.draw(unit, step, seed, z)
+            out.append(z)
+        return out
+
+    def perturb_one(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], scale: float,
+                    out: list[torch.Tensor]) -> None:
+        """``out = theta + scale * z`` on the unit's trainable head, segment by segment."""
+        for seg, w, zz, pc in zip(unit.segments, flats, z, out):
+            n = seg.trainable_numel
+            perturb_into(pc[:n], w[:n], zz[:n], scale)
+
     def perturb(
         self,
         unit: Unit,
@@ -143,26 +178,16 @@ class UnitSPSA:
         step: int,
         eps: float,
         seeds: Sequence[int],
-        out: dict[RunKey, list[torch.Tensor]] | None = None,
-        z: list[torch.Tensor] | None = None,
+        out: dict[RunKey, list[torch.Tensor]],
+        z: list[torch.Tensor],
         signs: Sequence[int] = (+1, -1),
     ) -> None:
-        """theta + s * eps * z_d for every direction d and sign s, into ``out[(d, s)]`` (default: the block
-        scratch). ``signs=(+1,)`` for a one-sided estimate."""
-        keep = self.keep_directions and out is None
-        z = self.views("z", unit) if z is None else z
+        """theta + s * eps * z_d for every direction d and sign s, into ``out[(d, s)]``, all at once (the
+        resident unit, read by every run between blocks); ``z`` is scratch. ``signs=(+1,)``: one-sided."""
         for d, seed in enumerate(seeds):
-            if keep:  # draw straight into a buffer that waits for the update: no extra pass
-                key = (unit.index, step, seed)
-                if key not in self._kept:
-                    self._kept[key] = self._buffers(unit)
-                z = self._kept[key]
             self.draw(unit, step, seed, z)
             for s in signs:
-                copies = out[(d, s)] if out is not None else self.views((d, s), unit)
-                for seg, w, zz, pc in zip(unit.segments, flats, z, copies):
-                    n = seg.trainable_numel
-                    perturb_into(pc[:n], w[:n], zz[:n], s * eps)
+                self.perturb_one(unit, flats, z, s * eps, out[(d, s)])
 
     def trial(
         self,
@@ -178,7 +203,7 @@ class UnitSPSA:
         if self.rule.stateful:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
         for sign in (+1, -1):
-            copies = out[(0, sign)] if out is not None else self.views((0, sign), unit)
+            copies = out[(0, sign)] if out is not None else self.views("P" if sign > 0 else "P2", unit)
             for seg, w, c in zip(unit.segments, flats, copies):
                 c[: seg.trainable_numel].copy_(w[: seg.trainable_numel])
             z = self.views("z", unit) if z is None else z

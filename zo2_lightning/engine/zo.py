@@ -147,6 +147,8 @@ class ZOEngine:
         self._step = 0
         self._eps = 0.0
         self._signed_block: int | None = None
+        self._block_z: list[list[torch.Tensor]] = []  # z per direction of the block in lockstep
+        self._copy_of: tuple[int, int] | None = None  # the run key the block's perturbed copy holds
         self._orig_devices: dict[int, torch.device] = {}
         self._handles: list[RemovableHandle] = []
         self.attached = False
@@ -247,8 +249,8 @@ class ZOEngine:
     ) -> list[tuple[Any, Any]]:
         """q-SPSA: the 2q runs ``fn((d, +1))``, ``fn((d, -1))`` for each direction seed, all in lockstep, so
         each block is brought in once and every run uses it before it leaves. Returns ``[(out+, out-)]`` per
-        direction. Scratch memory grows with q: 2q perturbed copies of the largest block and of the resident
-        parameters.
+        direction. Scratch memory grows with q: a z per direction for the largest block (plus one perturbed copy
+        that the runs share, rebuilt as each takes its turn), and 2q perturbed copies of the resident parameters.
 
         ``one_sided``: the forward-difference estimate; the q runs at +eps and one run ``fn((0, 0))`` at theta
         itself (q + 1 forwards); returns ``[(out+, out0)]`` per direction, ``out0`` the same object for all.
@@ -302,7 +304,7 @@ class ZOEngine:
         if int(chunks) < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         self._release_all()
-        self.spsa.reserve(keys)
+        self.spsa.reserve(keys, copies=2 if self._trial is not None else 1)
         self._reserve_resident(keys)
         self._prepare_resident()
         self._pair = Lockstep(self._activate, self._transition)
@@ -311,11 +313,12 @@ class ZOEngine:
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)
         try:
-            return self._pair.run(fn, [(*k, m) for m in range(int(chunks)) for k in keys])
+            # a key's chunks run one after another, so a block's perturbed copy is built once per key
+            return self._pair.run(fn, [(*k, m) for k in keys for m in range(int(chunks))])
         finally:
             torch.set_autocast_cache_enabled(cache)
             self._pair = None
-            self._signed_block = None
+            self._signed_block, self._block_z, self._copy_of = None, [], None
             self._release_all()
             assert self.resident is not None
             self.resident.bind(self._res_w)
@@ -478,8 +481,9 @@ class ZOEngine:
         unit = self.units[i]
         if unit.trainable and self._trial is not None:
             self.spsa.trial(unit, flats, self._trial)
-        elif unit.trainable:
-            self.spsa.perturb(unit, flats, self._step, self._eps, self._seeds, signs=self._signs)
+        elif unit.trainable:  # z now; each run's perturbed copy when it takes its turn (_activate)
+            self._block_z = self.spsa.directions_of(unit, self._step, self._seeds)
+        self._copy_of = None
         self._signed_block = i
 
     def _activate(self, run: tuple[int, int, int]) -> None:
@@ -495,9 +499,17 @@ class ZOEngine:
                 self.units[i].bind(self._active[i].flats)
             return
         self.resident.bind_signed(self._res_w, self._res_pert[key])
-        if i is not None:
-            unit, flats = self.units[i], self._active[i].flats
-            unit.bind_signed(flats, self.spsa.views(key, unit))
+        if i is None:
+            return
+        unit, flats = self.units[i], self._active[i].flats
+        if self._trial is not None:
+            unit.bind_signed(flats, self.spsa.views("P" if key[1] > 0 else "P2", unit))
+            return
+        copy = self.spsa.views("P", unit)
+        if unit.trainable and self._copy_of != key:  # runs of one key are consecutive: built once per key
+            self.spsa.perturb_one(unit, flats, self._block_z[key[0]], key[1] * self._eps, copy)
+            self._copy_of = key
+        unit.bind_signed(flats, copy)
 
     def _release(self, j: int) -> None:
         acquired = self._active.pop(j)
