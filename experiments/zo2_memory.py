@@ -5,7 +5,7 @@ OPT-175B). Smoke form (CPU, tiny shapes, seconds): ``python experiments/zo2_memo
 
 Reproduces ZO2's GPU-memory table (Wang et al., 2025, arXiv 2503.12668): peak working-device memory of ZO2
 (blocks streamed from the CPU, ``offload=cpu_overlap``) against in-GPU MeZO (``offload=none``) for random-init
-OPT of the published shapes, fp16, batch 1, sequence 2048 (``conf/experiment/zo2_memory.yaml``); and the
+OPT of the published shapes, 16-bit weights (bf16 here, fp16 in ZO2), batch 1, sequence 2048 (``conf/experiment/zo2_memory.yaml``); and the
 throughput (tokens/s) of both on the same setting. MeZO stops with "oom" once the model outgrows the GPU; ZO2
 reports OPT-175B in about 18 GB. Writes ``zo2_memory.csv``/``.md`` and one run folder per point under --out;
 ``python experiments/summarize.py DIR`` plots memory and tokens/s against model size.
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--methods", default="zo2,mezo")
-    parser.add_argument("--precision", default="fp16_storage", help="a conf/precision option")
+    parser.add_argument("--precision", default="bf16_true", help="a conf/precision option (bf16_true: 16-bit weights end to end, as ZO2's fp16; fp16_storage: fp32 working copies, twice the GPU bytes)")
     parser.add_argument("--out", default="results/zo2_memory")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, fp32")
     args = parser.parse_args(argv)
