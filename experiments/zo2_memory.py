@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--methods", default="zo2,mezo")
-    parser.add_argument("--precision", default="bf16_true", help="a conf/precision option (bf16_true: 16-bit weights end to end, as ZO2's fp16; fp16_storage: fp32 working copies, twice the GPU bytes)")
+    parser.add_argument("--precision", default="bf16_true",
+                        help="a conf/precision option (bf16_true: 16-bit weights end to end, as ZO2's fp16;"
+                             " fp16_storage: fp32 working copies, twice the GPU bytes)")
     parser.add_argument("--out", default="results/zo2_memory")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, fp32")
     args = parser.parse_args(argv)
