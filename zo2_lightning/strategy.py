@@ -83,6 +83,9 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
             it again: one draw per parameter per step saved, one extra copy of the trainable parameters held on
             the working device. For models that fit (CPU training, ``zo2_resident``), where drawing z dominates.
+        regenerate_directions: keep no z on the device: each run's perturbed copy of a block and of the resident
+            parameters is drawn afresh as the run takes its turn, into one buffer each. The least GPU memory (the
+            largest models), for 2q draws per block per step instead of q. Excludes ``keep_directions``.
         micro_batches: split each batch into this many equal micro-batches along its first dimension and run all
             of them, each at +eps and -eps, in lockstep: every block is uploaded once per step for all of them
             (ZO2's transfer amortised over the batch) while each block's compute temporaries (attention scores,
@@ -126,6 +129,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         max_gpu_memory: int | None = None,
         keep_directions: bool = False,
         micro_batches: int = 1,
+        regenerate_directions: bool = False,
         directions: Literal["shared", "independent"] = "shared",
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
@@ -153,7 +157,8 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
             start_method=start_method,
         )
         self._init_zo(offload_device, pin_memory, prefetch, resident_blocks, seed, max_consecutive_skips,
-                      storage_dtype, offload_dir, disk_flush_every, max_gpu_memory, keep_directions, micro_batches)
+                      storage_dtype, offload_dir, disk_flush_every, max_gpu_memory, keep_directions, micro_batches,
+                      regenerate_directions)
         self.directions = directions
         self._offload_root = offload_dir
 

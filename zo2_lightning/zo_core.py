@@ -70,6 +70,7 @@ class ZOStrategyCore:
         max_gpu_memory: int | None = None,
         keep_directions: bool = False,
         micro_batches: int = 1,
+        regenerate_directions: bool = False,
     ) -> None:
         """Validate and keep the ZO options (documented on the concrete strategy)."""
         if offload_device not in ("cpu", "disk", None):
@@ -104,6 +105,10 @@ class ZOStrategyCore:
         self.disk_flush_every = int(disk_flush_every)
         self.max_gpu_memory = max_gpu_memory
         self.keep_directions = bool(keep_directions)
+        self.regenerate_directions = bool(regenerate_directions)
+        if self.keep_directions and self.regenerate_directions:
+            raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
+                             " each other: choose one")
         self.engine = None
         self._force_copies = False  # tests: exercise the transfer path on CPU
         self._resumed_state: dict[str, Any] | None = None
@@ -132,6 +137,7 @@ class ZOStrategyCore:
             disk_flush_every=self.disk_flush_every,
             max_device_memory=self.max_gpu_memory,
             keep_directions=self.keep_directions,
+            regenerate_directions=self.regenerate_directions,
             distribution=optimizer.direction if optimizer is not None else "gaussian",
             rule=optimizer.update_rule() if optimizer is not None else None,
         )

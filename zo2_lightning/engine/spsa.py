@@ -89,6 +89,8 @@ class UnitSPSA:
         rule: the update rule (default MeZO-SGD); a stateful one keeps its buffers per unit.
         state_device: where the rule's buffers of the blocks live (``None``: ``device``); the resident unit's
             always live on ``device``. Host buffers are pinned when ``device`` is CUDA.
+        regenerate: keep no z for a block: each run's perturbed copy is drawn afresh into ``"P"`` (:meth:`regenerate_into`),
+            which also serves as the catch-up scratch; one block-sized buffer in all, for q more draws per block.
     """
 
     def __init__(
@@ -101,8 +103,14 @@ class UnitSPSA:
         distribution: str = "gaussian",
         rule: UpdateRule | None = None,
         state_device: torch.device | None = None,
+        regenerate: bool = False,
     ) -> None:
+        if regenerate and keep_directions:
+            raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
+                             " each other: choose one")
         self.device = device
+        self.regenerate = regenerate
+        self._catch_up_scratch = "P" if regenerate else "z"
         self.distribution = distribution
         self.keep_directions = keep_directions
         self._kept: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (unit, step, seed) -> z
@@ -127,7 +135,10 @@ class UnitSPSA:
         """Scratch for a z per direction of ``keys`` and ``copies`` perturbed copies (allocated once; a no-op
         after)."""
         directions = sorted({d for d, s in keys if s != 0} | {0})
-        for name in [*(z_name(d) for d in directions), *["P", "P2"][:copies]]:
+        names = [] if self.regenerate else [z_name(d) for d in directions]
+        if copies > 1 and "z" not in names:
+            names.append("z")  # a conservative trial's scratch
+        for name in [*names, *["P", "P2"][:copies]]:
             bufs = self._scratch.setdefault(name, {})
             for dt, n in self._sizes.items():
                 if n and (dt not in bufs or bufs[dt].numel() < n):
@@ -170,6 +181,15 @@ class UnitSPSA:
         for seg, w, zz, pc in zip(unit.segments, flats, z, out):
             n = seg.trainable_numel
             perturb_into(pc[:n], w[:n], zz[:n], scale)
+
+    def regenerate_into(self, unit: Unit, flats: list[torch.Tensor], step: int, seed: int, scale: float,
+                        out: list[torch.Tensor]) -> None:
+        """``out = theta + scale * z`` with z drawn into ``out`` itself (no z buffer); the same bits as
+        :meth:`perturb_one` with a stored z."""
+        self.draw(unit, step, seed, out)
+        for seg, w, pc in zip(unit.segments, flats, out):
+            n = seg.trainable_numel
+            pc[:n].mul_(scale).add_(w[:n])
 
     def perturb(
         self,
@@ -216,7 +236,7 @@ class UnitSPSA:
         """Apply ``commits`` in order (rounded to storage after each); True if anything changed."""
         if not commits or not unit.trainable:
             return False
-        scratch = self.views("z", unit)
+        scratch = self.views(self._catch_up_scratch, unit)
         for c in commits:  # one at a time, rounded after each: catching up k steps late changes nothing
             z = self._kept.pop((unit.index, c.step, c.seed), None)
             if z is None:

@@ -73,6 +73,10 @@ class ZOEngine:
             costs one copy of the trainable block parameters on ``device``: for models that fit, e.g. on CPU).
         stochastic_rounding: narrow updated blocks to ``storage_dtype`` with seeded stochastic rounding (True)
             or round-to-nearest (False: loses MeZO-size updates; for comparison only).
+        regenerate_directions: keep no z on the device: each run's perturbed copy of a block (and of the resident
+            parameters) is drawn afresh as the run takes its turn, into one buffer. The least device memory (one
+            block-sized scratch buffer, one resident copy) for 2q draws per block per step instead of q; for the
+            largest models on a GPU. Excludes ``keep_directions``.
         rule: the update rule of a commit (:mod:`.rules`; default MeZO-SGD). A stateful rule's buffers live in
             host memory with the blocks' host copies (on ``device`` without offload) and travel to the device
             with the block for its update; with disk offload every updated block is written back at once.
@@ -100,7 +104,12 @@ class ZOEngine:
         keep_directions: bool = False,
         distribution: str = "gaussian",
         rule: UpdateRule | None = None,
+        regenerate_directions: bool = False,
     ) -> None:
+        if keep_directions and regenerate_directions:
+            raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
+                             " each other: choose one")
+        self._regenerate = bool(regenerate_directions)
         self.model = model
         self.blocks = list(blocks)
         self.device = torch.device(device)
@@ -149,6 +158,7 @@ class ZOEngine:
         self._signed_block: int | None = None
         self._block_z: list[list[torch.Tensor]] = []  # z per direction of the block in lockstep
         self._copy_of: tuple[int, int] | None = None  # the run key the block's perturbed copy holds
+        self._res_copy_of: tuple[int, int] | None = None  # regenerate_directions: the key _res_z holds
         self._orig_devices: dict[int, torch.device] = {}
         self._handles: list[RemovableHandle] = []
         self.attached = False
@@ -167,7 +177,7 @@ class ZOEngine:
         trainable = set(group_of)
         self.spsa = UnitSPSA(
             self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions, self.distribution,
-            self.rule, self._state_device,
+            self.rule, self._state_device, self._regenerate,
         )
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
@@ -230,6 +240,8 @@ class ZOEngine:
         self.attached = False
 
     def _reserve_resident(self, keys: Sequence[RunKey]) -> None:
+        if self._regenerate and self._trial is None:
+            return  # one copy, _res_z, rebuilt for each run
         for key in keys:
             if key[1] != 0 and key not in self._res_pert:
                 self._res_pert[key] = [torch.empty_like(w) for w in self._res_w]
@@ -481,7 +493,7 @@ class ZOEngine:
         unit = self.units[i]
         if unit.trainable and self._trial is not None:
             self.spsa.trial(unit, flats, self._trial)
-        elif unit.trainable:  # z now; each run's perturbed copy when it takes its turn (_activate)
+        elif unit.trainable and not self._regenerate:  # z now; each run's copy when it takes its turn (_activate)
             self._block_z = self.spsa.directions_of(unit, self._step, self._seeds)
         self._copy_of = None
         self._signed_block = i
@@ -498,7 +510,14 @@ class ZOEngine:
             if i is not None:
                 self.units[i].bind(self._active[i].flats)
             return
-        self.resident.bind_signed(self._res_w, self._res_pert[key])
+        if self._regenerate and self._trial is None:
+            if self.resident.trainable and self._res_copy_of != key:
+                self.spsa.regenerate_into(self.resident, self._res_w, self._step, self._seeds[key[0]],
+                                          key[1] * self._eps, self._res_z)
+                self._res_copy_of = key
+            self.resident.bind_signed(self._res_w, self._res_z)
+        else:
+            self.resident.bind_signed(self._res_w, self._res_pert[key])
         if i is None:
             return
         unit, flats = self.units[i], self._active[i].flats
@@ -507,7 +526,10 @@ class ZOEngine:
             return
         copy = self.spsa.views("P", unit)
         if unit.trainable and self._copy_of != key:  # runs of one key are consecutive: built once per key
-            self.spsa.perturb_one(unit, flats, self._block_z[key[0]], key[1] * self._eps, copy)
+            if self._regenerate:
+                self.spsa.regenerate_into(unit, flats, self._step, self._seeds[key[0]], key[1] * self._eps, copy)
+            else:
+                self.spsa.perturb_one(unit, flats, self._block_z[key[0]], key[1] * self._eps, copy)
             self._copy_of = key
         unit.bind_signed(flats, copy)
 
@@ -542,6 +564,9 @@ class ZOEngine:
         if self._trial is not None:
             self.spsa.trial(self.resident, self._res_w, self._trial, self._res_pert, self._res_z)
             self._res_z_key = None  # _res_z was spent as the trial's scratch
+            return
+        if self._regenerate:
+            self._res_copy_of, self._res_z_key = None, None  # _res_z becomes each run's copy in turn
             return
         self.spsa.perturb(self.resident, self._res_w, self._step, self._eps, self._seeds, self._res_pert,
                           self._res_z, signs=self._signs)

@@ -1,0 +1,68 @@
+"""regenerate_directions: no z kept on the device, one perturbed copy per block and per resident unit, and the
+same numbers as the default path, bit for bit."""
+
+import pytest
+import torch
+
+from tests import reference, tiny_models
+from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
+from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGD, ZOSGDCons
+from zo2_lightning.engine import ZOEngine, discover_blocks
+
+EPS = 1e-3
+
+
+def _fit(task, batches, steps, **strategy_kwargs):
+    strategy = ZO2OffloadStrategy(seed=SEED, regenerate_directions=True, **strategy_kwargs)
+    strategy._force_copies = True
+    trainer(strategy=strategy, max_steps=steps).fit(task, loader(batches))
+
+
+@pytest.mark.parametrize("q,one_sided", [(1, False), (2, False), (2, True)], ids=["mezo", "q2", "q2-one-sided"])
+def test_regenerated_directions_train_exactly_as_the_reference(q, one_sided):
+    batches = tiny_models.batches("llama", 3)
+
+    class Task(TinyTask):
+        def configure_optimizers(self):
+            return ZOSGD(self.parameters(), lr=5e-3, eps=EPS, weight_decay=0.01, q=q, one_sided=one_sided)
+
+    task = Task("llama")
+    expected, initial = clone_model(task), clone_model(task)
+    _fit(task, batches, 3)
+    reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3, weight_decay=0.01,
+                             q=q, one_sided=one_sided)
+    assert_params_equal(task.model, expected, initial)
+
+
+@pytest.mark.parametrize("optimizer", [ZOSGDCons, ZOAdam], ids=["cons", "adam"])
+def test_regenerated_directions_equal_the_default_path_for_cons_and_adam(optimizer):
+    batches = tiny_models.batches("opt", 4, batch_size=4)
+
+    class Task(TinyTask):
+        def configure_optimizers(self):
+            return optimizer(self.parameters(), lr=5e-3, eps=EPS)
+
+    regenerated = Task("opt")
+    default = Task("opt", model=clone_model(regenerated))
+    _fit(regenerated, batches, 4, micro_batches=2)
+    strategy = ZO2OffloadStrategy(seed=SEED, micro_batches=2)
+    strategy._force_copies = True
+    trainer(strategy=strategy, max_steps=4).fit(default, loader(batches))
+    assert_params_equal(regenerated.model, default.model)
+
+
+def test_regenerated_directions_keep_one_block_buffer_and_one_resident_copy():
+    model, batch = tiny_models.build("llama")
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, regenerate_directions=True)
+    engine.attach([list(model.parameters())])
+    with torch.no_grad():
+        engine.run_directions(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS, seeds=[1, 2, 3])
+        engine.commit(0, 0.5, [1e-3], [0.0])
+    names, resident_copies = set(engine.spsa._scratch), len(engine._res_pert)
+    engine.detach()
+    assert names == {"P"} and resident_copies == 0  # the resident's one copy is _res_z
+
+
+def test_keep_and_regenerate_exclude_each_other():
+    with pytest.raises(ValueError, match="exclude each other"):
+        ZO2OffloadStrategy(keep_directions=True, regenerate_directions=True)
