@@ -42,9 +42,10 @@ class Size:
         return sum(self.per_block) + self.rest
 
 
-def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: int | None) -> tuple[ZOEngine, Any]:
+def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: int | None,
+                 regenerate: bool = False) -> tuple[ZOEngine, Any]:
     """The model with ``ZOEngine`` attached: blocks streamed from host memory (``prefetch`` ahead) or, with
-    ``prefetch=None``, everything on ``device``."""
+    ``prefetch=None``, everything on ``device``; ``regenerate``: no z kept on the device (least memory)."""
     streamed = prefetch is not None
     model = meta_model(size.cfg, prec.param_dtype)
     blocks = discover_blocks(model)
@@ -55,7 +56,7 @@ def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: in
     materialize = HostFill(blocks, prec.param_dtype, device) if streamed else (lambda b: fill_(b, device, gen))
     engine = ZOEngine(model, blocks, device, seed=0, offload=streamed, prefetch=prefetch or 0,
                       storage_dtype=prec.storage_dtype, force_copies=streamed and device.type == "cpu",
-                      materialize=materialize)
+                      materialize=materialize, regenerate_directions=regenerate)
     engine.attach([list(model.parameters())])
     if streamed:
         materialize.release()  # every block is packed: the fill buffer is read no more
