@@ -58,9 +58,9 @@ def test_regenerated_directions_keep_one_block_buffer_and_one_resident_copy():
     with torch.no_grad():
         engine.run_directions(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS, seeds=[1, 2, 3])
         engine.commit(0, 0.5, [1e-3], [0.0])
-    names, resident_copies = set(engine.spsa._scratch), len(engine._res_pert)
+    names, resident_copies = set(engine.spsa._scratch), len(engine.res.copies)
     engine.detach()
-    assert names == {"P"} and resident_copies == 0  # the resident's one copy is _res_z
+    assert names == {"P"} and resident_copies == 0  # the resident's one copy is its z buffer
 
 
 def test_keep_and_regenerate_exclude_each_other():

@@ -27,9 +27,9 @@ from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.commit_log import CommitLog
 from zo2_lightning.engine.lockstep import Lockstep
+from zo2_lightning.engine.resident import ResidentParams
 from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rules import UpdateRule
-from zo2_lightning.engine.seeds import RESIDENT_UNIT
 from zo2_lightning.engine.spsa import TRIAL_KEYS, Commit, RunKey, UnitSPSA, run_keys
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
@@ -143,12 +143,8 @@ class ZOEngine:
         self._probe = memory_probe
         self.streamer: BlockStreamer | None = None
         self.units: list[Unit] = []
-        self.resident: Unit | None = None
-        self._res_w: list[torch.Tensor] = []
-        self._res_z: list[torch.Tensor] = []
-        self._res_z_key: tuple[int, int] | None = None  # (step, seed) of the z held in _res_z
+        self.res: ResidentParams | None = None  # everything outside the blocks
         self._seeds: list[int] = [self.seed]  # one run seed per direction of the current step
-        self._res_pert: dict[tuple[int, int], list[torch.Tensor]] = {}  # (direction, sign) -> resident copies
         self.spsa: UnitSPSA | None = None
         self._log = CommitLog(0)
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
@@ -158,7 +154,6 @@ class ZOEngine:
         self._signed_block: int | None = None
         self._block_z: list[list[torch.Tensor]] = []  # z per direction of the block in lockstep
         self._copy_of: tuple[int, int] | None = None  # the run key the block's perturbed copy holds
-        self._res_copy_of: tuple[int, int] | None = None  # regenerate_directions: the key _res_z holds
         self._orig_devices: dict[int, torch.device] = {}
         self._handles: list[RemovableHandle] = []
         self.attached = False
@@ -199,13 +194,9 @@ class ZOEngine:
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
-        self.resident = Unit.build(RESIDENT_UNIT, [p for p in res_params if id(p) in trainable], trainable)
-        self._res_w = self.resident.pack(self.device)
-        self.resident.bind(self._res_w)
+        self.res = ResidentParams(res_params, trainable, self.device, self.spsa, self._regenerate)
         self.spsa.size_for(self.units)
         self.spsa.reserve(run_keys(1))
-        self._res_z = [torch.empty_like(w) for w in self._res_w]  # resident: trainable parameters only
-        self._reserve_resident(run_keys(1))
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i)))
         for module in self.model.modules():
@@ -220,11 +211,9 @@ class ZOEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        assert self.streamer is not None and self.resident is not None
+        assert self.streamer is not None and self.res is not None
         self.streamer.restore()
-        for seg, flat in zip(self.resident.segments, self._res_w):
-            for slot in seg.slots:
-                slot.param.data = slot.view(flat).clone()
+        self.res.restore()
         for p in self.model.parameters():
             dev = self._orig_devices.get(id(p))
             if dev is not None and dev.type != "meta" and p.device != dev:  # materialized blocks stay on host
@@ -234,17 +223,10 @@ class ZOEngine:
                 dev = self._orig_devices.get(id(buf)) if buf is not None else None
                 if dev is not None and dev.type != "meta" and buf.device != dev:
                     module._buffers[name] = buf.to(dev)
-        self._res_w, self._res_z, self._res_pert, self.spsa = [], [], {}, None
-        self.units, self.resident, self.streamer = [], None, None
+        self.res, self.spsa = None, None
+        self.units, self.streamer = [], None
         self._log, self._active = CommitLog(0), {}
         self.attached = False
-
-    def _reserve_resident(self, keys: Sequence[RunKey]) -> None:
-        if self._regenerate and self._trial is None:
-            return  # one copy, _res_z, rebuilt for each run
-        for key in keys:
-            if key[1] != 0 and key not in self._res_pert:
-                self._res_pert[key] = [torch.empty_like(w) for w in self._res_w]
 
     # ================================================================== the step
     def run_pair(self, fn: Callable[[Any], Any], step: int, eps: float, seed: int | None = None) -> tuple[Any, Any]:
@@ -317,8 +299,11 @@ class ZOEngine:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         self._release_all()
         self.spsa.reserve(keys, copies=2 if self._trial is not None else 1)
-        self._reserve_resident(keys)
-        self._prepare_resident()
+        assert self.res is not None
+        if self._trial is not None:
+            self.res.prepare_trial(self._trial)
+        else:
+            self.res.prepare(self._step, self._eps, self._seeds, (+1,) if self._one_sided else (+1, -1), keys)
         self._pair = Lockstep(self._activate, self._transition)
         # autocast caches the cast of a leaf Parameter, but the runs rebind one Parameter to different data:
         # a cached cast would give one run another's weights (Lightning's own autocast keeps the cache off too)
@@ -332,8 +317,7 @@ class ZOEngine:
             self._pair = None
             self._signed_block, self._block_z, self._copy_of = None, [], None
             self._release_all()
-            assert self.resident is not None
-            self.resident.bind(self._res_w)
+            self.res.bind_plain()
 
     def candidate(
         self,
@@ -367,12 +351,8 @@ class ZOEngine:
         self._log.add(c)
         if self._auto_residency:
             self._plan_residency()
-        assert self.resident is not None
-        if self.resident.trainable:
-            if self._res_z_key != (c.step, c.seed):
-                self.spsa.draw(self.resident, c.step, c.seed, self._res_z)
-            self.spsa.apply(self.resident, self._res_w, self._res_z, c)
-            self._res_z_key = None  # consumed as scratch by the update
+        assert self.res is not None
+        self.res.commit(c)
 
     def _plan_residency(self) -> None:
         """Once, after the first (fully streamed) step: keep as many blocks resident as the budget allows."""
@@ -463,7 +443,7 @@ class ZOEngine:
         self.spsa.state.load_state_dict(self._all_units(), state.get("buffers", {}))
 
     def _all_units(self) -> list[Unit]:
-        return [*self.units, *([self.resident] if self.resident is not None else [])]
+        return [*self.units, *([self.res.unit] if self.res is not None else [])]
 
     # ================================================================== block arrivals
     def _block_hook(self, i: int) -> Callable[..., None]:
@@ -501,23 +481,15 @@ class ZOEngine:
     def _activate(self, run: tuple[int, int, int]) -> None:
         """The run ``(direction, sign, chunk)`` is about to execute: every parameter it may read holds its
         perturbation (sign 0: none)."""
-        assert self.resident is not None
+        assert self.res is not None
         torch.clear_autocast_cache()  # a user's own autocast may cache casts of the previous run's weights
         key = run[:2]
         i = self._signed_block
+        self.res.activate(key)
         if key[1] == 0:
-            self.resident.bind(self._res_w)
             if i is not None:
                 self.units[i].bind(self._active[i].flats)
             return
-        if self._regenerate and self._trial is None:
-            if self.resident.trainable and self._res_copy_of != key:
-                self.spsa.regenerate_into(self.resident, self._res_w, self._step, self._seeds[key[0]],
-                                          key[1] * self._eps, self._res_z)
-                self._res_copy_of = key
-            self.resident.bind_signed(self._res_w, self._res_z)
-        else:
-            self.resident.bind_signed(self._res_w, self._res_pert[key])
         if i is None:
             return
         unit, flats = self.units[i], self._active[i].flats
@@ -551,26 +523,6 @@ class ZOEngine:
     def _release_all(self) -> None:
         for j in list(self._active):
             self._release(j)
-
-    # ================================================================== arithmetic on units
-    @property
-    def _signs(self) -> tuple[int, ...]:
-        return (+1,) if self._one_sided else (+1, -1)
-
-    def _prepare_resident(self) -> None:
-        assert self.resident is not None
-        if not self.resident.trainable:
-            return
-        if self._trial is not None:
-            self.spsa.trial(self.resident, self._res_w, self._trial, self._res_pert, self._res_z)
-            self._res_z_key = None  # _res_z was spent as the trial's scratch
-            return
-        if self._regenerate:
-            self._res_copy_of, self._res_z_key = None, None  # _res_z becomes each run's copy in turn
-            return
-        self.spsa.perturb(self.resident, self._res_w, self._step, self._eps, self._seeds, self._res_pert,
-                          self._res_z, signs=self._signs)
-        self._res_z_key = (self._step, self._seeds[-1])  # _res_z holds the last direction's z
 
     # ================================================================== state_dict
     def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
