@@ -8,10 +8,11 @@ engine.commit(step=t, g=(loss_plus - loss_minus) / 2e-3, lrs=[1e-6], weight_deca
 engine.detach()                                      # flushed, hooks off, parameters back where they were
 ```
 
-Plain torch: nothing here knows about Lightning or Hydra (DESIGN.md decision 9). The engine owns *what*
-happens to the parameters and when (perturbed copies at a block's arrival, deferred update, flush);
-:mod:`.streaming` owns *where* they are; :mod:`.lockstep` owns the interleaving of the forwards;
-:mod:`.spsa` does the arithmetic on a unit.
+Plain torch: nothing here knows about Lightning or Hydra (DESIGN.md decision 9). The engine owns *when*
+things happen to the parameters (deferred updates at a block's arrival, write-back, flush, commits);
+:mod:`.streaming` owns *where* they are; :mod:`.runs` (over :mod:`.lockstep`) what each perturbed run reads;
+:mod:`.resident` the parameters outside the blocks; :mod:`.spsa` the arithmetic on a unit;
+:mod:`.commit_log` the pending updates.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.commit_log import CommitLog
-from zo2_lightning.engine.lockstep import Lockstep
 from zo2_lightning.engine.resident import ResidentParams
+from zo2_lightning.engine.runs import StepRuns
 from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rules import UpdateRule
 from zo2_lightning.engine.spsa import TRIAL_KEYS, Commit, RunKey, UnitSPSA, run_keys
@@ -134,8 +135,6 @@ class ZOEngine:
         self.rule = rule if rule is not None else UpdateRule()
         self._state_device = torch.device("cpu") if offload else self.device
         self.updates = 0  # commits made so far (the t of the next one is updates + 1)
-        self._trial: list[Commit] | None = None  # the candidates of a conservative step's trial runs
-        self._one_sided = False
         if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
             raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
         self._auto_residency = resident_blocks == "auto"
@@ -144,16 +143,10 @@ class ZOEngine:
         self.streamer: BlockStreamer | None = None
         self.units: list[Unit] = []
         self.res: ResidentParams | None = None  # everything outside the blocks
-        self._seeds: list[int] = [self.seed]  # one run seed per direction of the current step
         self.spsa: UnitSPSA | None = None
         self._log = CommitLog(0)
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
-        self._pair: Lockstep | None = None
-        self._step = 0
-        self._eps = 0.0
-        self._signed_block: int | None = None
-        self._block_z: list[list[torch.Tensor]] = []  # z per direction of the block in lockstep
-        self._copy_of: tuple[int, int] | None = None  # the run key the block's perturbed copy holds
+        self._runs: StepRuns | None = None  # the perturbed runs of the step in progress
         self._orig_devices: dict[int, torch.device] = {}
         self._handles: list[RemovableHandle] = []
         self.attached = False
@@ -265,13 +258,10 @@ class ZOEngine:
         once per micro-batch; each block's compute temporaries exist for one micro-batch at a time). Returns
         ``[[(out+, out-) per direction] per chunk]``.
         """
-        self._step, self._eps = int(step), float(eps)
-        self._seeds = [int(s) for s in seeds]
-        self._one_sided = bool(one_sided)
-        self.spsa.prune_kept(self._step, self._log.keys())
-        results = self._run_lockstep(fn, run_keys(len(self._seeds), self._one_sided), chunks)
-        q = range(len(self._seeds))
-        if self._one_sided:
+        q = range(len(seeds))
+        self.spsa.prune_kept(int(step), self._log.keys())
+        results = self._run_lockstep(fn, run_keys(len(q), one_sided), chunks, step, eps, seeds, one_sided)
+        if one_sided:
             return [[(results[(d, +1, m)], results[(0, 0, m)]) for d in q] for m in range(chunks)]
         return [[(results[(d, +1, m)], results[(d, -1, m)]) for d in q] for m in range(chunks)]
 
@@ -286,36 +276,21 @@ class ZOEngine:
         """
         if self.rule.stateful:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
-        self._trial = list(commits)
-        try:
-            results = self._run_lockstep(fn, TRIAL_KEYS, chunks)
-        finally:
-            self._trial = None
+        step = commits[0].step if commits else 0
+        results = self._run_lockstep(fn, TRIAL_KEYS, chunks, step, 0.0, [], trial=commits)
         return [(results[(0, +1, m)], results[(0, 0, m)], results[(0, -1, m)]) for m in range(chunks)]
 
-    def _run_lockstep(self, fn: Callable[[Any], Any], keys: list[RunKey], chunks: int) -> dict[Any, Any]:
+    def _run_lockstep(self, fn: Callable[[Any], Any], keys: list[RunKey], chunks: int, step: int, eps: float,
+                      seeds: Sequence[int], one_sided: bool = False,
+                      trial: Sequence[Commit] | None = None) -> dict[Any, Any]:
         """Every (direction, sign) of ``keys`` for each chunk, as lockstep runs keyed ``(d, s, m)``."""
-        if int(chunks) < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
         self._release_all()
-        self.spsa.reserve(keys, copies=2 if self._trial is not None else 1)
-        assert self.res is not None
-        if self._trial is not None:
-            self.res.prepare_trial(self._trial)
-        else:
-            self.res.prepare(self._step, self._eps, self._seeds, (+1,) if self._one_sided else (+1, -1), keys)
-        self._pair = Lockstep(self._activate, self._transition)
-        # autocast caches the cast of a leaf Parameter, but the runs rebind one Parameter to different data:
-        # a cached cast would give one run another's weights (Lightning's own autocast keeps the cache off too)
-        cache = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
+        assert self.spsa is not None and self.res is not None
+        self._runs = StepRuns(self.spsa, self.res, self.units, self._arrive, self._regenerate)
         try:
-            # a key's chunks run one after another, so a block's perturbed copy is built once per key
-            return self._pair.run(fn, [(*k, m) for k in keys for m in range(int(chunks))])
+            return self._runs.run(fn, keys, chunks, step, eps, seeds, one_sided, trial)
         finally:
-            torch.set_autocast_cache_enabled(cache)
-            self._pair = None
-            self._signed_block, self._block_z, self._copy_of = None, [], None
+            self._runs = None
             self._release_all()
             self.res.bind_plain()
 
@@ -375,7 +350,7 @@ class ZOEngine:
 
     def flush(self) -> None:
         """Apply every pending update and make the host copies current. Idempotent."""
-        if self._pair is not None:
+        if self._runs is not None:
             return  # parameters are perturbed mid-step; nothing outside the step may read them now
         if self.streamer is None:
             return
@@ -394,24 +369,24 @@ class ZOEngine:
     @property
     def sign(self) -> int | None:
         """+1 / -1 while one of the perturbed runs executes, else None."""
-        key = self._pair.key if self._pair is not None else None
+        key = self._runs.key if self._runs is not None else None
         return key[1] if key is not None else None
 
     @property
     def direction(self) -> int | None:
         """The direction index of the perturbed run executing now, else None."""
-        key = self._pair.key if self._pair is not None else None
+        key = self._runs.key if self._runs is not None else None
         return key[0] if key is not None else None
 
     @property
     def chunk(self) -> int | None:
         """The micro-batch index of the perturbed run executing now, else None."""
-        key = self._pair.key if self._pair is not None else None
+        key = self._runs.key if self._runs is not None else None
         return key[2] if key is not None else None
 
     def release_blocks(self) -> None:
         """Let go of the blocks an evaluation forward left on the device."""
-        if self.streamer is not None and self._pair is None:
+        if self.streamer is not None and self._runs is None:
             self._release_all()
 
     @property
@@ -448,8 +423,8 @@ class ZOEngine:
     # ================================================================== block arrivals
     def _block_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            if self._pair is not None and self._pair.active:
-                self._pair.barrier(i)  # lockstep: _transition / _activate do the binding
+            if self._runs is not None and self._runs.active:
+                self._runs.barrier(i)  # lockstep: the runs bind what each reads
             else:
                 self.units[i].bind(self._arrive(i))
 
@@ -466,44 +441,6 @@ class ZOEngine:
         for k in range(1, self.streamer.prefetch_depth + 1):
             self.streamer.prefetch(i + k)
         return self._active[i].flats
-
-    def _transition(self, i: int) -> None:
-        """Every run reached block ``i``: bring it in and build its perturbed copies, two per direction."""
-        flats = self._arrive(i)
-        unit = self.units[i]
-        if unit.trainable and self._trial is not None:
-            self.spsa.trial(unit, flats, self._trial)
-        elif unit.trainable and not self._regenerate:  # z now; each run's copy when it takes its turn (_activate)
-            self._block_z = self.spsa.directions_of(unit, self._step, self._seeds)
-        self._copy_of = None
-        self._signed_block = i
-
-    def _activate(self, run: tuple[int, int, int]) -> None:
-        """The run ``(direction, sign, chunk)`` is about to execute: every parameter it may read holds its
-        perturbation (sign 0: none)."""
-        assert self.res is not None
-        torch.clear_autocast_cache()  # a user's own autocast may cache casts of the previous run's weights
-        key = run[:2]
-        i = self._signed_block
-        self.res.activate(key)
-        if key[1] == 0:
-            if i is not None:
-                self.units[i].bind(self._active[i].flats)
-            return
-        if i is None:
-            return
-        unit, flats = self.units[i], self._active[i].flats
-        if self._trial is not None:
-            unit.bind_signed(flats, self.spsa.views("P" if key[1] > 0 else "P2", unit))
-            return
-        copy = self.spsa.views("P", unit)
-        if unit.trainable and self._copy_of != key:  # runs of one key are consecutive: built once per key
-            if self._regenerate:
-                self.spsa.regenerate_into(unit, flats, self._step, self._seeds[key[0]], key[1] * self._eps, copy)
-            else:
-                self.spsa.perturb_one(unit, flats, self._block_z[key[0]], key[1] * self._eps, copy)
-            self._copy_of = key
-        unit.bind_signed(flats, copy)
 
     def _release(self, j: int) -> None:
         acquired = self._active.pop(j)
@@ -526,7 +463,7 @@ class ZOEngine:
 
     # ================================================================== state_dict
     def _state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
-        if not self.attached or self._pair is not None:
+        if not self.attached or self._runs is not None:
             return
         if self.pending:
             self.flush()
