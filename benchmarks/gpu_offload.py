@@ -16,7 +16,8 @@ applied on the next upload) in two settings:
 - ``zo2``: batch 1 x seq 2048, ZO2's memory/throughput setting;
 - ``mezo``: batch 16 x seq 512, MeZO's batch (its prompts are short; 512 bounds them);
 
-each in three modes: ``streamed`` (blocks in pinned host memory, ``prefetch`` blocks uploaded ahead), ``in-GPU``
+each in these modes: ``streamed`` (blocks in pinned host memory, ``prefetch`` blocks uploaded ahead),
+``streamed min-mem`` (16-bit weights only: no z kept, ``prefetch + 1`` block buffers), ``in-GPU``
 (the same engine with everything on the GPU, where it fits) and ``MeZO ref`` (MeZO's own loop: in-place
 perturbation, z regenerated from the step seed, 16-bit weights only). Per row: peak
 ``torch.cuda.max_memory_allocated`` over the timed steps (GB = 1e9 bytes), seconds per step (``--warmup`` steps,
@@ -118,8 +119,9 @@ class Bench:
 
     def modes(self, prec: str) -> list[str]:
         modes = [f"streamed p{k}" for k in self.args.prefetch]
-        if PRECISIONS[prec].storage_dtype is None:  # 16-bit weights: also the least-memory engine (no z kept)
-            modes.append(f"streamed p{self.args.prefetch[0]} regen")
+        if PRECISIONS[prec].storage_dtype is None:  # 16-bit weights: also the least-memory engine (no z kept,
+            # prefetch + 1 block buffers)
+            modes.append(f"streamed p{self.args.prefetch[0]} min-mem")
         modes.append("in-GPU")
         return modes + (["MeZO ref"] if PRECISIONS[prec].storage_dtype is None else [])
 
@@ -136,8 +138,9 @@ class Bench:
                 engine, model = None, meta_model(size.cfg, prec.param_dtype)
                 fill_(model, self.device, torch.Generator(device=self.device).manual_seed(0))
             else:
-                prefetch = int(mode.removeprefix("streamed p").removesuffix(" regen")) if streamed else None
-                engine, model = build_engine(size, prec, self.device, prefetch, regenerate=mode.endswith("regen"))
+                prefetch = int(mode.removeprefix("streamed p").removesuffix(" min-mem")) if streamed else None
+                engine, model = build_engine(size, prec, self.device, prefetch,
+                                             least_memory=mode.endswith("min-mem"))
         except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
             return self.skip(size, prec_name, mode, _status(e))
         build_s = time.perf_counter() - t

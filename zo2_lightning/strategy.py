@@ -86,6 +86,10 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         regenerate_directions: keep no z on the device: each run's perturbed copy of a block and of the resident
             parameters is drawn afresh as the run takes its turn, into one buffer each. The least GPU memory (the
             largest models), for 2q draws per block per step instead of q. Excludes ``keep_directions``.
+        device_slots: device buffers for streamed blocks; ``None``: ``prefetch + 2`` (the block in use, the one
+            being written back, the prefetched ones). ``prefetch + 1`` saves one block of GPU memory: an upload
+            into a just-released buffer then waits for its write-back (off the compute stream, but the two
+            directions of the bus no longer overlap).
         micro_batches: split each batch into this many equal micro-batches along its first dimension and run all
             of them, each at +eps and -eps, in lockstep: every block is uploaded once per step for all of them
             (ZO2's transfer amortised over the batch) while each block's compute temporaries (attention scores,
@@ -130,6 +134,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         keep_directions: bool = False,
         micro_batches: int = 1,
         regenerate_directions: bool = False,
+        device_slots: int | None = None,
         directions: Literal["shared", "independent"] = "shared",
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
@@ -158,7 +163,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         )
         self._init_zo(offload_device, pin_memory, prefetch, resident_blocks, seed, max_consecutive_skips,
                       storage_dtype, offload_dir, disk_flush_every, max_gpu_memory, keep_directions, micro_batches,
-                      regenerate_directions)
+                      regenerate_directions, device_slots)
         self.directions = directions
         self._offload_root = offload_dir
 

@@ -71,6 +71,7 @@ class ZOStrategyCore:
         keep_directions: bool = False,
         micro_batches: int = 1,
         regenerate_directions: bool = False,
+        device_slots: int | None = None,
     ) -> None:
         """Validate and keep the ZO options (documented on the concrete strategy)."""
         if offload_device not in ("cpu", "disk", None):
@@ -106,6 +107,12 @@ class ZOStrategyCore:
         self.max_gpu_memory = max_gpu_memory
         self.keep_directions = bool(keep_directions)
         self.regenerate_directions = bool(regenerate_directions)
+        if device_slots is not None:
+            device_slots = _as_number(int, "device_slots", device_slots)
+            if device_slots < prefetch + 1:
+                raise ValueError(f"device_slots={device_slots} cannot hold the block in use and {prefetch} prefetched"
+                                 f" ones: use at least prefetch + 1 = {prefetch + 1}, or None for prefetch + 2")
+        self.device_slots = device_slots
         if self.keep_directions and self.regenerate_directions:
             raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
                              " each other: choose one")
@@ -138,6 +145,7 @@ class ZOStrategyCore:
             max_device_memory=self.max_gpu_memory,
             keep_directions=self.keep_directions,
             regenerate_directions=self.regenerate_directions,
+            device_slots=self.device_slots,
             distribution=optimizer.direction if optimizer is not None else "gaussian",
             rule=optimizer.update_rule() if optimizer is not None else None,
         )

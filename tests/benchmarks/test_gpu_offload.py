@@ -31,7 +31,7 @@ def test_smoke_runs_every_mode_and_counts_one_upload_per_block(gpu, tmp_path):
     assert [(r["precision"], r["mode"], r["setting"]) for r in rows] == [
         (p, m, s)
         for p, modes in (("bf16_storage", ["streamed p1", "in-GPU"]),
-                         ("bf16_weights", ["streamed p1", "streamed p1 regen", "in-GPU", "MeZO ref"]))
+                         ("bf16_weights", ["streamed p1", "streamed p1 min-mem", "in-GPU", "MeZO ref"]))
         for m in modes for s in ("zo2", "mezo")]
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     assert all(r["loss"] == pytest.approx(math.log(helpers.SMOKE_VOCAB), abs=0.05) for r in rows)  # random init

@@ -56,6 +56,12 @@ class BlockStreamer:
         offload_dir: keep the host copies in files under this directory instead of host memory (models larger
             than RAM); see :mod:`.disk`. Blocks are then read for every use and rewritten only when the
             caller asks (``release(i, write_back=True)``).
+        slots: device buffers for streamed blocks; default ``prefetch + 2`` (the block in use, the one being
+            written back, the prefetched ones). ``prefetch + 1`` saves a block of device memory: the upload into
+            a just-released slot then waits for that slot's write-back (still off the compute stream).
+
+    Raises:
+        ValueError: ``slots`` below ``prefetch + 1``.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class BlockStreamer:
         force_copies: bool = False,
         storage_dtype: torch.dtype | None = None,
         offload_dir: str | None = None,
+        slots: int | None = None,
     ) -> None:
         self.units = list(units)
         self.disk = DiskStore(offload_dir, len(self.units)) if offload_dir is not None else None
@@ -82,6 +89,10 @@ class BlockStreamer:
         self.copies = (offload and device.type != "cpu") or force_copies or narrows or self.disk is not None
         self.pin = bool(pin_memory and offload and device.type == "cuda")
         self.prefetch_depth = max(0, int(prefetch))
+        self.n_slots = self.prefetch_depth + 2 if slots is None else int(slots)
+        if self.n_slots < self.prefetch_depth + 1:
+            raise ValueError(f"device_slots={slots} cannot hold the block in use and {self.prefetch_depth} prefetched"
+                             f" ones: use at least prefetch + 1 = {self.prefetch_depth + 1}")
         self.resident = set(range(min(max(0, int(resident)), len(self.units)))) if self.copies else set()
         self.host: list[list[torch.Tensor]] = []
         self._slots: list[_DeviceSlot] = []
@@ -119,8 +130,7 @@ class BlockStreamer:
         for unit in self.units:
             for seg in unit.segments:
                 sizes[seg.dtype] = max(sizes.get(seg.dtype, 0), seg.numel)
-        n_slots = self.prefetch_depth + 2  # the block in use, the one being released, and the prefetched ones
-        self._slots = [self._new_slot(sizes) for _ in range(n_slots)]
+        self._slots = [self._new_slot(sizes) for _ in range(self.n_slots)]
         for i in sorted(self.resident):
             slot = self._own_slot(i)
             self._upload(i, slot)

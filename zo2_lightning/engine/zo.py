@@ -78,6 +78,8 @@ class ZOEngine:
             parameters) is drawn afresh as the run takes its turn, into one buffer. The least device memory (one
             block-sized scratch buffer, one resident copy) for 2q draws per block per step instead of q; for the
             largest models on a GPU. Excludes ``keep_directions``.
+        device_slots: device buffers for streamed blocks (default ``prefetch + 2``); ``prefetch + 1`` saves one
+            block of device memory, each upload into a just-released buffer waiting for its write-back.
         rule: the update rule of a commit (:mod:`.rules`; default MeZO-SGD). A stateful rule's buffers live in
             host memory with the blocks' host copies (on ``device`` without offload) and travel to the device
             with the block for its update; with disk offload every updated block is written back at once.
@@ -106,6 +108,7 @@ class ZOEngine:
         distribution: str = "gaussian",
         rule: UpdateRule | None = None,
         regenerate_directions: bool = False,
+        device_slots: int | None = None,
     ) -> None:
         if keep_directions and regenerate_directions:
             raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
@@ -123,6 +126,7 @@ class ZOEngine:
             force_copies=force_copies,
             storage_dtype=storage_dtype,
             offload_dir=offload_dir,
+            slots=device_slots,
         )
         if int(disk_flush_every) < 1:
             raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")

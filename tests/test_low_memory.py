@@ -1,8 +1,9 @@
-"""regenerate_directions: no z kept on the device, one perturbed copy per block and per resident unit, and the
-same numbers as the default path, bit for bit."""
+"""The least-device-memory settings change nothing but memory, bit for bit: regenerate_directions (no z kept, one
+perturbed copy per block and per resident unit) and device_slots=prefetch+1 (one block buffer fewer)."""
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
@@ -66,3 +67,29 @@ def test_regenerated_directions_keep_one_block_buffer_and_one_resident_copy():
 def test_keep_and_regenerate_exclude_each_other():
     with pytest.raises(ValueError, match="exclude each other"):
         ZO2OffloadStrategy(keep_directions=True, regenerate_directions=True)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_prefetch_plus_one_device_slots_train_exactly_as_the_default(prefetch):
+    """Fewer slots than prefetch + 2: each upload reuses the buffer just released (after its write-back)."""
+    batches = tiny_models.batches("gpt2", 3)
+    lean, default = TinyTask("gpt2", lr=5e-3), None
+    default = TinyTask("gpt2", lr=5e-3, model=clone_model(lean))
+    initial = clone_model(lean)
+    slots = []
+
+    class Slots(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            slots.append(len(trainer.strategy.engine.streamer._slots))
+
+    for task, kwargs in ((lean, {"device_slots": prefetch + 1, "regenerate_directions": True}), (default, {})):
+        strategy = ZO2OffloadStrategy(seed=SEED, prefetch=prefetch, **kwargs)
+        strategy._force_copies = True
+        trainer(strategy=strategy, max_steps=3, callbacks=[Slots()]).fit(task, loader(batches))
+    assert slots[0] == prefetch + 1 and slots[-1] == prefetch + 2
+    assert_params_equal(lean.model, default.model, initial)
+
+
+def test_device_slots_below_prefetch_plus_one_are_refused():
+    with pytest.raises(ValueError, match="at least prefetch \\+ 1 = 3"):
+        ZO2OffloadStrategy(prefetch=2, device_slots=2)
