@@ -105,9 +105,6 @@ class UnitSPSA:
         state_device: torch.device | None = None,
         regenerate: bool = False,
     ) -> None:
-        if regenerate and keep_directions:
-            raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
-                             " each other: choose one")
         self.device = device
         self.regenerate = regenerate
         self._catch_up_scratch = "P" if regenerate else "z"
@@ -122,7 +119,7 @@ class UnitSPSA:
         self.state = RuleState(self.rule, device, state_device)
         self.generator = torch.Generator(device=device)
         self._sizes: dict[torch.dtype, int] = {}
-        self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # "z" or a RunKey
+        self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # z_name(d), "P", "P2" -> per dtype
 
     # ------------------------------------------------------------------ scratch
     def size_for(self, units: Sequence[Unit]) -> None:
@@ -222,11 +219,11 @@ class UnitSPSA:
         the z scratch ``z`` default to the block scratch)."""
         if self.rule.stateful:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
+        z = self.views("z", unit) if z is None else z
         for sign in (+1, -1):
             copies = out[(0, sign)] if out is not None else self.views("P" if sign > 0 else "P2", unit)
             for seg, w, c in zip(unit.segments, flats, copies):
                 c[: seg.trainable_numel].copy_(w[: seg.trainable_numel])
-            z = self.views("z", unit) if z is None else z
             for commit in commits:
                 self.draw(unit, commit.step, commit.seed, z)
                 self.apply(unit, copies, z, commit if sign > 0 else commit.reversed())
