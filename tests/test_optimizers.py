@@ -180,3 +180,10 @@ def test_conservative_step_refuses_gradient_accumulation():
     task = _task(ZOSGDCons)
     with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
         trainer(max_steps=1, accumulate_grad_batches=2).fit(task, loader(tiny_models.batches("opt", 2)))
+
+
+def test_a_misspelt_optimizer_argument_is_an_error_not_a_param_group_key():
+    with pytest.raises(TypeError, match="momentm"):
+        ZOSGDMomentum(torch.nn.Linear(2, 2).parameters(), momentm=0.5)
+    with pytest.raises(TypeError, match="momentum"):
+        ZOSGD(torch.nn.Linear(2, 2).parameters(), momentum=0.9)

@@ -69,7 +69,7 @@ class ZOSGD(torch.optim.Optimizer):
         q: int = 1,
         direction: str = "gaussian",
         one_sided: bool = False,
-        **rule_defaults: Any,
+        _rule_defaults: dict[str, Any] | None = None,
     ) -> None:
         _check_hparams(lr, eps, weight_decay)
         if int(q) != q or q < 1:
@@ -79,7 +79,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.q = int(q)
         self.direction = direction
         self.one_sided = bool(one_sided)
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **rule_defaults))
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **(_rule_defaults or {})))
         eps_values = {group["eps"] for group in self.param_groups}
         if len(eps_values) > 1:
             raise ValueError(f"ZOSGD needs one eps for all param groups, got {sorted(eps_values)}")
@@ -164,7 +164,7 @@ class ZOSGDMomentum(ZOSGD):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"ZOSGDMomentum momentum must be in [0, 1), got {momentum}")
         _stateless_q(self, kwargs.get("q", 1))
-        super().__init__(params, lr, eps, weight_decay, momentum=momentum, **kwargs)
+        super().__init__(params, lr, eps, weight_decay, _rule_defaults={"momentum": momentum}, **kwargs)
 
     def update_rule(self) -> UpdateRule:
         return MomentumRule()
@@ -194,7 +194,8 @@ class ZOAdam(ZOSGD):
         if not adam_eps > 0.0:
             raise ValueError(f"ZOAdam adam_eps must be > 0, got {adam_eps}")
         _stateless_q(self, kwargs.get("q", 1))
-        super().__init__(params, lr, eps, weight_decay, betas=betas, adam_eps=float(adam_eps), **kwargs)
+        super().__init__(params, lr, eps, weight_decay, _rule_defaults={"betas": betas, "adam_eps": float(adam_eps)},
+                         **kwargs)
 
     def update_rule(self) -> UpdateRule:
         return AdamRule()
