@@ -91,7 +91,6 @@ def main() -> None:
     from results import report  # benchmarks/results.py (scripts run from this folder)
 
     base_rss = rows.get("MeZO-SGD (gaussian)", {}).get("peak_rss")
-    failed = [f"| {name} | {VARIANTS[name][1]} | {r['error']} | | | | | | |" for name, r in rows.items() if "error" in r]
     lines = [
         f"### optimizer_variants ({time.strftime('%Y-%m-%d %H:%M')}, CPU)",
         "",
@@ -105,7 +104,7 @@ def main() -> None:
     ]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(next(f for f in failed if f.startswith(f"| {name} |")))
+            lines.append(f"| {name} | {VARIANTS[name][1]} | {r['error']} | | | | | | |")
             continue
         m, forwards = r["metrics"], VARIANTS[name][1]
         ratio = r["state_bytes"] / r["trainable_bytes"] if r["trainable_bytes"] else float("nan")

@@ -18,7 +18,7 @@ largest block. A stateful rule's buffers (momentum, Adam moments) are kept by :m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
@@ -40,7 +40,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 RunKey = tuple[int, int]  # (direction, sign); sign 0: the unperturbed run of a one-sided estimate or a trial
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Commit:
     """The update of one step along one direction, applied to each block when it next arrives."""
 
@@ -50,12 +50,11 @@ class Commit:
     weight_decays: tuple[float, ...]
     seed: int  # the run seed z was drawn with (see seeds.direction_seed)
     hyper: tuple[float, ...] = ()  # the update rule's coefficients at this step (momentum, Adam betas and eps)
-    t: int = 0  # 1-based count of the update among the run's commits (Adam's bias correction)
+    t: int = 0  # 1-based count of the update among the run's commits (Adam's bias correction); set by commit
 
     def reversed(self) -> Commit:
         """The step taken backwards (``-lr``): the opposite candidate of a conservative step."""
-        return Commit(self.step, self.g, tuple(-lr for lr in self.lrs), self.weight_decays, self.seed,
-                      self.hyper, self.t)
+        return dataclasses.replace(self, lrs=tuple(-lr for lr in self.lrs))
 
 
 def z_name(d: int) -> object:

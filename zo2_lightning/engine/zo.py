@@ -310,7 +310,7 @@ class ZOEngine:
         """The commit :meth:`commit` would record next (for :meth:`run_trial`; ``t`` is set when committed)."""
         seed = self.seed if seed is None else int(seed)
         return Commit(int(step), float(g), tuple(map(float, lrs)), tuple(map(float, weight_decays)), seed,
-                      tuple(map(float, hyper)), self.updates + 1)
+                      tuple(map(float, hyper)))
 
     def commit(
         self,
