@@ -16,6 +16,8 @@ import torch
 import yaml
 from transformers import OPTConfig, OPTForCausalLM
 
+from zo2_lightning.engine.pinned import allocator, registered_bytes
+
 GB = 1e9  # decimal: ZO2's table is in GB, and a decimal GB makes our figure the larger (the stricter comparison)
 GIB = 2**30
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -158,9 +160,11 @@ def pow2ceil(n: int) -> int:
 
 
 def host_bytes_needed(block_numels_: Sequence[int], itemsize: int, pinned: bool) -> int:
-    """Host bytes of the blocks' copies: one flat buffer per block, power-of-two rounded when pinned."""
+    """Host bytes of the blocks' copies: one flat buffer per block, at its exact size (the engine registers its
+    pinned buffers itself, see zo2_lightning/engine/pinned.py), or power-of-two rounded when pinned through
+    torch's allocator (``ZO2_PINNED=torch``)."""
     sizes = [n * itemsize for n in block_numels_]
-    return sum(pow2ceil(s) for s in sizes) if pinned else sum(sizes)
+    return sum(pow2ceil(s) for s in sizes) if pinned and allocator() == "torch" else sum(sizes)
 
 
 def fits_in_host(need: int, available: int | None, reserve_fraction: float = 0.1, min_reserve: int = 8 * GIB) -> bool:
@@ -259,9 +263,11 @@ def release_memory(device: torch.device, host_cache: bool = True) -> None:
                     break
 
 
-def pinned_host_bytes() -> int | None:
-    """Bytes of pinned memory torch's host allocator holds (power-of-two rounded blocks), where it says."""
+def pinned_host_bytes() -> int:
+    """Bytes of host memory pinned now: the engine's exact-size registrations plus what torch's host allocator
+    holds (power-of-two rounded blocks), where torch says."""
     try:
-        return int(torch.cuda.memory.host_memory_stats()["allocated_bytes.current"])
+        by_torch = int(torch.cuda.memory.host_memory_stats()["allocated_bytes.current"])
     except Exception:  # noqa: BLE001 - older torch: no host stats
-        return None
+        by_torch = 0
+    return registered_bytes() + by_torch

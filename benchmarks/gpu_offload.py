@@ -145,8 +145,10 @@ class Bench:
             return self.skip(size, prec_name, mode, _status(e))
         build_s = time.perf_counter() - t
         pinned = pinned_host_bytes() if streamed and self.cuda else None
+        copies = sum(size.per_block) * (prec.storage_dtype or prec.param_dtype).itemsize
         self.log(f"{size.name} {prec_name} {mode}: built in {build_s:.1f} s"
-                 + (f", {pinned / GB:.1f} GB pinned" if pinned is not None else ""))
+                 + (f", {pinned / GB:.1f} GB pinned for {copies / GB:.1f} GB of block host copies"
+                    if pinned is not None else ""))
         for k, setting in enumerate(self.settings):
             ids = self.batch(setting, size.cfg.vocab_size)
             step = mezo_step(model, ids) if engine is None else engine_step(engine, model, ids, prec)

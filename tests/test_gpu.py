@@ -86,3 +86,57 @@ def test_adam_state_kept_on_the_host_equals_state_kept_on_the_device():
         trainer(strategy=strategy, accelerator="gpu", max_steps=3).fit(task, loader(batches))
     for (n, p), (_, q) in zip(streamed.model.named_parameters(), resident.model.named_parameters()):
         assert torch.equal(p.cpu(), q.cpu()), n
+
+
+def test_exact_size_pinned_buffer_is_page_locked_and_copies_asynchronously():
+    """A registered buffer (not a power of two) is pinned in torch's eyes, round-trips through the GPU on side
+    streams, and is unregistered when its last view goes."""
+    import gc
+
+    from zo2_lightning.engine import pinned
+
+    before = pinned.registered_bytes()
+    numel = (3 << 20) + 5  # 12 MiB + 20 B: torch's allocator would pin 16 MiB
+    host = pinned.host_empty(numel, torch.float32, pin=True)
+    assert host.is_pinned()
+    assert pinned.registered_bytes() - before == numel * 4
+    host.copy_(torch.arange(numel, dtype=torch.float32))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        dev = host.to("cuda", non_blocking=True)
+        dev.mul_(2)
+        back = pinned.host_zeros(numel, torch.float32, pin=True)
+        back.copy_(dev, non_blocking=True)
+    side.synchronize()
+    assert torch.equal(back, 2 * torch.arange(numel, dtype=torch.float32))
+    del host, back, dev
+    gc.collect()
+    assert pinned.registered_bytes() == before
+
+
+def test_engine_with_exact_pinned_blocks_equals_the_resident_forward(monkeypatch):
+    """Every block host copy registered (threshold 0): streamed forwards equal the all-on-GPU ones, and after
+    detach() (parameters get their own storage back) nothing stays registered."""
+    import gc
+
+    from zo2_lightning.engine import pinned
+
+    monkeypatch.setattr(pinned, "MIN_REGISTER_BYTES", 0)
+    before = pinned.registered_bytes()
+    model, batch = tiny_models.build("opt")
+    batch = _to(batch, "cuda")
+    with torch.no_grad():
+        expected = tiny_models.logits(model.to("cuda"), batch)
+    model.cpu()
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), prefetch=1)
+    engine.attach()
+    host_bytes = sum(f.numel() * f.element_size() for flats in engine.streamer.host for f in flats)
+    assert pinned.registered_bytes() - before == host_bytes
+    assert all(f.is_pinned() for flats in engine.streamer.host for f in flats)
+    with torch.no_grad():
+        got = tiny_models.logits(model, batch)
+    engine.detach()
+    del engine
+    gc.collect()
+    assert torch.equal(got, expected)
+    assert pinned.registered_bytes() == before

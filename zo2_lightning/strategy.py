@@ -64,7 +64,8 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
         offload_device: where block parameters live between uses: ``"cpu"`` (streamed from host memory),
             ``"disk"`` (from files under ``offload_dir``), or ``None`` to keep the whole model on the working
             device (in-device MeZO, the ``zo2_resident`` preset).
-        pin_memory: pin the host copies for fast asynchronous uploads; ``None`` pins when training on CUDA.
+        pin_memory: pin the host copies for fast asynchronous uploads (each at its exact size, see
+            ``engine/pinned.py``); ``None`` pins when training on CUDA.
         prefetch: how many blocks are uploaded ahead of the one computing (CUDA; ignored on CPU).
         resident_blocks: the first N blocks stay on the working device for the whole run; ``"auto"``: after the
             first step, as many as fit under ``max_gpu_memory``.

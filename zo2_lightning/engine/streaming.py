@@ -3,7 +3,8 @@
 ``streamer = BlockStreamer(units, device, offload=True, pin_memory=True, prefetch=1, resident=0)``;
 ``streamer.offload()`` once, then ``flats = streamer.acquire(i)`` / ``streamer.release(i, dirty)`` per use.
 
-Each block owns one flat host buffer per dtype (pinned when the working device is CUDA), allocated once.
+Each block owns one flat host buffer per dtype (pinned at its exact size when the working device is CUDA, see
+:mod:`.pinned`), allocated once.
 When host and working device differ, a block is uploaded into one of a few reusable device slots on a
 dedicated upload stream and, if its values changed, written back on an offload stream; streams are ordered
 by events, never by a device-wide synchronize. When they are the same device (CPU training, or offloading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zo2_lightning.engine.disk import DiskStore
+from zo2_lightning.engine.pinned import host_empty
 from zo2_lightning.engine.units import Unit
 
 
@@ -103,6 +105,7 @@ class BlockStreamer:
         self._stale: set[int] = set()  # resident blocks whose host copy lags the device copy
         cuda = device.type == "cuda" and self.copies
         self._streams = _Streams(torch.cuda.Stream(device), torch.cuda.Stream(device)) if cuda else _Streams()
+        self._staging: dict[torch.dtype, torch.Tensor] = {}  # disk reads into a CUDA device pass through these
         self.bytes_uploaded = 0
         self.bytes_offloaded = 0
 
@@ -187,6 +190,7 @@ class BlockStreamer:
                     view = slot.view(flat)
                     slot.param.data = view.to(seg.dtype, copy=True) if self.disk is None or view.dtype != seg.dtype else view
         self.host.clear()
+        self._staging.clear()
         self._slots.clear()
         self._resident_slots.clear()
         self._on_device.clear()
@@ -321,11 +325,29 @@ class BlockStreamer:
         if direct:
             self.disk.read_into(i, dst)
             return
-        staging = [torch.empty(d.numel(), dtype=self._host_dtype(d.dtype), pin_memory=self.device.type == "cuda")
-                   for d in dst]
+        staging = self._staging_views(dst)
         self.disk.read_into(i, staging)
         for d, h in zip(dst, staging):
             d.copy_(h)
+
+    def _staging_views(self, dst: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host buffers for one block's read (one view per segment), carved from buffers allocated once, sized
+        for the largest block and pinned when the working device is CUDA. Reuse is safe: the copies out of
+        them are synchronous."""
+        need: dict[torch.dtype, int] = {}
+        for d in dst:
+            hd = self._host_dtype(d.dtype)
+            need[hd] = need.get(hd, 0) + d.numel()
+        for hd, n in need.items():
+            if hd not in self._staging or self._staging[hd].numel() < n:
+                most = max(sum(s.numel for s in u.segments if self._host_dtype(s.dtype) == hd) for u in self.units)
+                self._staging[hd] = host_empty(max(n, most), hd, pin=self.device.type == "cuda")
+        views, used = [], dict.fromkeys(need, 0)
+        for d in dst:
+            hd = self._host_dtype(d.dtype)
+            views.append(self._staging[hd][used[hd]: used[hd] + d.numel()])
+            used[hd] += d.numel()
+        return views
 
     def _write_back(self, i: int, slot: _DeviceSlot) -> None:
         src = self._views(i, slot)

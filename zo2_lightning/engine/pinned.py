@@ -1,0 +1,107 @@
+"""Page-locked host buffers of exactly the size asked for.
+
+``flat = host_empty(numel, dtype, pin=True)``: a CPU tensor whose pages are locked, so copies to and from the
+GPU run asynchronously at the link's full rate. ``pin=False`` is a plain ``torch.empty``.
+
+Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator (``CachingHostAllocator``) rounds every
+allocation up to the next power of two. An OPT-13B block in bf16 (629 MB) then pins 1 GiB, 1.7x its bytes, and
+the host RAM, not the GPU, caps the largest model. Here a plain CPU allocation is registered with the CUDA driver
+(``cudaHostRegister``, the route torch's own checkpoint stager takes) and unregistered when its storage is
+freed, i.e. when the last tensor viewing it is gone. Buffers under :data:`MIN_REGISTER_BYTES` still come from
+torch's allocator (rounding them wastes little; registering each costs a driver call).
+
+``ZO2_PINNED=torch`` in the environment sends every buffer through torch's allocator instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+import torch
+
+MIN_REGISTER_BYTES = 1 << 20
+_CHOICES = ("exact", "torch")
+_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, not only the current one
+
+_lock = threading.Lock()
+_registered_bytes = 0
+
+
+class _CudaDriver:
+    """The two driver calls, through torch's bindings of the CUDA runtime (tests substitute a fake)."""
+
+    def register(self, ptr: int, nbytes: int) -> int:
+        return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _PORTABLE))
+
+    def unregister(self, ptr: int) -> int:
+        # A copy may still be reading or writing these pages (teardown after a failed step): let it finish
+        # before the memory goes back to the heap. torch's own pinned buffers get this from recorded events.
+        torch.cuda.synchronize()
+        return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+_driver = _CudaDriver()
+
+
+def allocator() -> str:
+    """``"exact"`` (default) or ``"torch"``, from ``ZO2_PINNED``.
+
+    Raises:
+        ValueError: ``ZO2_PINNED`` is set to something else.
+    """
+    choice = os.environ.get("ZO2_PINNED", "exact").strip().lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"ZO2_PINNED={choice!r}: use one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def registered_bytes() -> int:
+    """Host bytes this module holds page-locked right now (buffers from torch's allocator not included)."""
+    return _registered_bytes
+
+
+def host_empty(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """An uninitialised 1-D CPU tensor of ``numel`` elements, page-locked when ``pin``.
+
+    Raises:
+        RuntimeError: the driver refused to lock the pages (the message names the ways around it).
+    """
+    nbytes = numel * dtype.itemsize
+    if not pin:
+        return torch.empty(numel, dtype=dtype)
+    if nbytes < MIN_REGISTER_BYTES or allocator() == "torch":
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+    flat = torch.empty(numel, dtype=dtype)
+    storage = flat.untyped_storage()
+    ptr = storage.data_ptr()
+    err = _driver.register(ptr, nbytes)
+    if err != 0:
+        raise RuntimeError(
+            f"cudaHostRegister of {nbytes / 2**20:.1f} MiB of host memory failed (cudaError {err}). Host memory may"
+            " be short, or locked-memory limits may forbid it: free host memory, set ZO2_PINNED=torch to use"
+            " torch's pinned allocator, or pass pin_memory=False (slower, synchronous copies)."
+        )
+    _count(nbytes)
+    # Unlock when the storage dies. Its Python object lives exactly as long as the storage (torch preserves it),
+    # so this fires after the last view, parameter or slice is gone, before the memory is returned.
+    done = weakref.finalize(storage, _unregister, ptr, nbytes)
+    done.atexit = False  # at exit the CUDA context may already be gone; the OS unlocks the pages anyway
+    return flat
+
+
+def host_zeros(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """:func:`host_empty`, zero-filled."""
+    return host_empty(numel, dtype, pin).zero_()
+
+
+def _count(nbytes: int) -> None:
+    global _registered_bytes
+    with _lock:
+        _registered_bytes += nbytes
+
+
+def _unregister(ptr: int, nbytes: int) -> None:
+    _driver.unregister(ptr)  # an error here leaves the pages locked until exit; nothing to do about it
+    _count(-nbytes)
