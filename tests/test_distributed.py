@@ -25,7 +25,7 @@ from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGDCons
 
 STEPS = 3
 # 2 ranks with batch B against 1 rank with 2B, in float64: the one rounding that the reduction order cannot avoid
-# is the core's float32 copy of each loss (zo_core._scalar_loss). The mean of two ranks' rounded losses and the
+# is the core's float32 copy of each loss (refusals.scalar_loss). The mean of two ranks' rounded losses and the
 # rounded loss of the joint batch differ by at most one float32 ulp (4.8e-7 near L = 4.2), so g by at most
 # ulp / (2 eps), and a step moves a parameter by at most lr * ulp / (2 eps) * max|z| (< 6 here) more or less.
 ATOL = STEPS * dh.LR * 4.8e-7 / (2 * dh.EPS) * 6  # about 4e-6; the data's own effect is some 0.05

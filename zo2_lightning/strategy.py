@@ -39,6 +39,7 @@ from zo2_lightning.distributed import (
     mean_values_over_ranks,
     rank_direction_seeds,
 )
+from zo2_lightning.refusals import check_configuration
 from zo2_lightning.zo_core import _CKPT_KEY, ZOStrategyCore
 
 
@@ -195,7 +196,7 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
 
     @override
     def setup(self, trainer: Trainer) -> None:
-        self._check_configuration(trainer, self.lightning_module)
+        check_configuration(trainer, self.lightning_module, self.precision_plugin)
         if not self.is_multiprocess:
             # the Trainer injects a DistributedSampler into every DDPStrategy run (an isinstance check in
             # _AcceleratorConnector.is_distributed); one process keeps the user's sampler and its order

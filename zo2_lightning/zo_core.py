@@ -1,4 +1,4 @@
-"""The ZO half of every zo2 strategy: the paired training step, the commit, flushes, checkpoints, refusals.
+"""The ZO half of every zo2 strategy: the paired training step, the commit, flushes, checkpoints.
 
 ``class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy)``: the strategy class owns placement, lifecycle and the
 process group, and overrides :meth:`ZOStrategyCore._direction_seeds` / :meth:`ZOStrategyCore._reduce_losses`
@@ -6,8 +6,8 @@ for several ranks; this mixin owns the ZO behaviour itself.
 
 Lightning glue only: the streaming, perturbation and update live in :mod:`zo2_lightning.engine`. The core
 overrides ``training_step`` (the +eps/-eps runs in lockstep), ``backward`` (nothing to do) and drives the
-update from ``ZOSGD.step`` (the projected gradient and the commit), flushes before anything reads the
-weights, and refuses the configurations that would silently do the wrong thing.
+update from ``ZOSGD.step`` (the projected gradient and the commit) and flushes before anything reads the
+weights; the configurations that would silently do the wrong thing are refused by :mod:`zo2_lightning.refusals`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -34,8 +33,13 @@ from zo2_lightning.checkpoint_io import AtomicCheckpointIO
 from zo2_lightning.engine import ZOEngine, direction_seed, projected_grad
 from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.engine.spsa import Commit
-from zo2_lightning.module import ZOModule
 from zo2_lightning.optim import ZOSGD
+from zo2_lightning.refusals import (
+    as_number,
+    check_same_model,
+    scalar_loss,
+    zo_optimizer,
+)
 
 _STORAGE_DTYPES = {
     None: None, "fp32": None, "float32": None, torch.float32: None,
@@ -83,16 +87,16 @@ class ZOStrategyCore:
             raise ValueError(
                 "disk offload needs both `offload_device='disk'` and `offload_dir='/path/on/a/local/drive'`"
             )
-        prefetch = _as_number(int, "prefetch", prefetch)
+        prefetch = as_number(int, "prefetch", prefetch)
         if resident_blocks != "auto":
-            resident_blocks = _as_number(int, "resident_blocks", resident_blocks)
+            resident_blocks = as_number(int, "resident_blocks", resident_blocks)
         if prefetch < 0 or (resident_blocks != "auto" and resident_blocks < 0):
             raise ValueError(f"prefetch ({prefetch}) and resident_blocks ({resident_blocks}) must be >= 0")
         if storage_dtype not in _STORAGE_DTYPES:
             raise ValueError(f"storage_dtype={storage_dtype!r}: choose 'bf16', 'fp16' or None (the parameters' dtype)")
         if int(disk_flush_every) < 1:
             raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")
-        micro_batches = _as_number(int, "micro_batches", micro_batches)
+        micro_batches = as_number(int, "micro_batches", micro_batches)
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches
@@ -108,7 +112,7 @@ class ZOStrategyCore:
         self.keep_directions = bool(keep_directions)
         self.regenerate_directions = bool(regenerate_directions)
         if device_slots is not None:
-            device_slots = _as_number(int, "device_slots", device_slots)
+            device_slots = as_number(int, "device_slots", device_slots)
             if device_slots < prefetch + 1:
                 raise ValueError(f"device_slots={device_slots} cannot hold the block in use and {prefetch} prefetched"
                                  f" ones: use at least prefetch + 1 = {prefetch + 1}, or None for prefetch + 2")
@@ -128,7 +132,7 @@ class ZOStrategyCore:
         """Build the engine over the LightningModule and attach it (after the optimizers exist)."""
         module = self.lightning_module
         fitting = trainer.state.fn == TrainerFn.FITTING
-        optimizer = self._zo_optimizer() if fitting else None
+        optimizer = zo_optimizer(self.optimizers) if fitting else None
         self.engine = ZOEngine(
             module,
             module.zo_blocks(),
@@ -178,7 +182,7 @@ class ZOStrategyCore:
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         module, engine = self.lightning_module, self.engine
         assert module is not None and engine is not None
-        optimizer = self._zo_optimizer()
+        optimizer = zo_optimizer(self.optimizers)
         step = self.lightning_module.trainer.global_step
 
         chunks = self.micro_batches
@@ -196,7 +200,7 @@ class ZOStrategyCore:
         for outs in per_chunk:  # each micro-batch is measured as accumulate_grad_batches would measure it
             measured: dict[int, tuple[float, float]] = {}
             for seed, (out_plus, out_minus) in zip(seeds, outs):
-                loss_plus, loss_minus = _scalar_loss(out_plus), _scalar_loss(out_minus)
+                loss_plus, loss_minus = scalar_loss(out_plus), scalar_loss(out_minus)
                 measured[seed] = (loss_plus.item(), loss_minus.item())  # sync point: g needs both on host
             self._measured.append(measured)
         return _mean_output([outs[0][0] for outs in per_chunk])
@@ -225,7 +229,7 @@ class ZOStrategyCore:
         if not micro:
             raise RuntimeError("the zo2_offload closure ran no training_step")
         per_direction = self._reduce_losses({seed: [m[seed] for m in micro] for seed in micro[0]})
-        optimizer = self._zo_optimizer()
+        optimizer = zo_optimizer(self.optimizers)
         trainer = self.lightning_module.trainer
         eps = optimizer.eps
         lrs, wds = optimizer.hyperparameters()
@@ -272,7 +276,7 @@ class ZOStrategyCore:
         with self._zo_forward_mode(module, log=False), self.precision_plugin.train_step_context(), torch.no_grad():
             per_chunk = engine.run_trial(run, commits, self.micro_batches)
         losses = self._reduce_values(
-            [sum(_scalar_loss(outs[k]).item() for outs in per_chunk) / len(per_chunk) for k in range(3)]
+            [sum(scalar_loss(outs[k]).item() for outs in per_chunk) / len(per_chunk) for k in range(3)]
         )
         if not all_finite(*losses):
             return [], 0  # nothing finite to compare: stay put
@@ -383,7 +387,7 @@ class ZOStrategyCore:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         module = self.lightning_module
         if module is not None:
-            _check_same_model(checkpoint, module, checkpoint_path)
+            check_same_model(checkpoint, module, checkpoint_path)
             trainer = getattr(module, "_trainer", None)
             if _CKPT_KEY not in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
                 raise ValueError(
@@ -408,102 +412,10 @@ class ZOStrategyCore:
             return int(self.seed)
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    # ================================================================== refusals
-    def _zo_optimizer(self) -> ZOSGD:
-        opts = self.optimizers
-        if len(opts) != 1 or not isinstance(opts[0], ZOSGD):
-            got = ", ".join(type(o).__name__ for o in opts) or "none"
-            raise TypeError(
-                f"zo2_offload needs exactly one ZOSGD optimizer from configure_optimizers, got: {got}. Return"
-                " `zo2_lightning.ZOSGD(self.parameters(), lr=1e-6, eps=1e-3)` (optionally with an LR scheduler)."
-            )
-        return opts[0]
-
-    def _check_configuration(self, trainer: Trainer, module: LightningModule) -> None:
-        if not isinstance(module, ZOModule):
-            raise TypeError(
-                f"{type(module).__name__} is not a ZOModule: zo2_offload needs to know the model's blocks. Declare"
-                f" it as `class {type(module).__name__}(ZOModule, L.LightningModule)` (from zo2_lightning import"
-                " ZOModule)."
-            )
-        if trainer.state.fn == TrainerFn.FITTING and not module.automatic_optimization:
-            raise ValueError(
-                "zo2_offload drives the ZO step through automatic optimization; manual optimization is not"
-                " supported. Remove `self.automatic_optimization = False` and return the loss from training_step."
-            )
-        plugin = self.precision_plugin
-        supported = (
-            type(plugin) is Precision
-            or isinstance(plugin, DoublePrecision)
-            or (isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed")
-            or (isinstance(plugin, HalfPrecision) and plugin.precision == "bf16-true")
-        )
-        if not supported:
-            name = getattr(plugin, "precision", type(plugin).__name__)
-            hint = {
-                "16-mixed": "fp16 AMP needs a GradScaler for gradients that ZO never computes",
-                "16-true": "fp16 weights overflow where bf16 ones do not (both get stochastically rounded updates)",
-            }.get(str(name), "it is not supported by the ZO step")
-            raise ValueError(
-                f"zo2_offload does not support precision={name!r}: {hint}. Use `Trainer(precision='bf16-true')`"
-                " (bf16 weights, updates in fp32 with stochastic rounding), 'bf16-mixed' (bf16 compute over fp32"
-                " weights) or '32-true'."
-            )
-
-
-def _check_same_model(checkpoint: dict[str, Any], module: LightningModule, path: _PATH) -> None:
-    """Refuse, before anything is copied, a checkpoint whose parameters do not fit ``module``."""
-    saved = checkpoint.get("state_dict")
-    if not isinstance(saved, dict):
-        return  # Lightning itself reports a checkpoint without weights
-    own = module.state_dict(keep_vars=True)
-    shapes = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
-              for k, v in saved.items() if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
-    missing = [k for k in own if k not in saved] if module.strict_loading else []
-    unexpected = [k for k in saved if k not in own] if module.strict_loading else []
-    if shapes or missing or unexpected:
-        found = "; ".join(
-            f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-            for what, keys in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if keys
-        )
-        raise ValueError(
-            f"{path} was written for a different model: {found}. Build the module with the model config of the"
-            " run that wrote it (same size and architecture), or pass the checkpoint of this model."
-        )
-
-
-def _as_number(kind: type, name: str, value: Any) -> Any:
-    """``kind(value)``, or an error that names the option (a Hydra override like ``offload.prefetch=abc``)."""
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
-            f" (on the command line: offload.{name}=2)"
-        ) from None
-
-
 def _mean_output(outputs: list[Any]) -> Any:
     """What training_step hands Lightning for a split batch: the +eps runs' mean loss (the one output as is)."""
     if len(outputs) == 1:
         return outputs[0]
-    losses = torch.stack([_scalar_loss(out) for out in outputs]).mean()
+    losses = torch.stack([scalar_loss(out) for out in outputs]).mean()
     first = outputs[0]
     return {**first, "loss": losses} if isinstance(first, dict) else losses
-
-
-def _scalar_loss(output: Any) -> Tensor:
-    """The loss of a training_step output, or an error naming the fix."""
-    loss = output.get("loss") if isinstance(output, dict) else output
-    if loss is None:
-        raise ValueError(
-            "training_step returned None (or a dict without 'loss'): zo2_offload needs the scalar loss at every"
-            " step to form (L+ - L-) / (2 eps). Return the loss tensor, e.g. `return self.model(**batch).loss`."
-        )
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"training_step must return a scalar loss for zo2_offload, got {shape}. Reduce it first, e.g."
-            " `return loss.mean()`."
-        )
-    return loss.detach().float().reshape(())

@@ -1,0 +1,111 @@
+"""What the zo2 strategies refuse, and the errors that name the fix.
+
+``check_configuration(trainer, module, precision_plugin)`` at setup, ``zo_optimizer(strategy.optimizers)`` at each
+step, ``check_same_model(checkpoint, module, path)`` on load, ``as_number(int, "prefetch", value)`` for options
+that may arrive as strings from Hydra, ``scalar_loss(training_step_output)`` for every run's output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from zo2_lightning.module import ZOModule
+from zo2_lightning.optim import ZOSGD
+
+
+def zo_optimizer(opts: list[Any]) -> ZOSGD:
+    """The one ZOSGD among ``opts`` (the strategy's optimizers), or an error naming the fix."""
+    if len(opts) != 1 or not isinstance(opts[0], ZOSGD):
+        got = ", ".join(type(o).__name__ for o in opts) or "none"
+        raise TypeError(
+            f"zo2_offload needs exactly one ZOSGD optimizer from configure_optimizers, got: {got}. Return"
+            " `zo2_lightning.ZOSGD(self.parameters(), lr=1e-6, eps=1e-3)` (optionally with an LR scheduler)."
+        )
+    return opts[0]
+
+
+def check_configuration(trainer: Trainer, module: LightningModule, plugin: Precision) -> None:
+    """Refuse a module, optimization mode or precision the ZO step would get silently wrong."""
+    if not isinstance(module, ZOModule):
+        raise TypeError(
+            f"{type(module).__name__} is not a ZOModule: zo2_offload needs to know the model's blocks. Declare"
+            f" it as `class {type(module).__name__}(ZOModule, L.LightningModule)` (from zo2_lightning import"
+            " ZOModule)."
+        )
+    if trainer.state.fn == TrainerFn.FITTING and not module.automatic_optimization:
+        raise ValueError(
+            "zo2_offload drives the ZO step through automatic optimization; manual optimization is not"
+            " supported. Remove `self.automatic_optimization = False` and return the loss from training_step."
+        )
+    supported = (
+        type(plugin) is Precision
+        or isinstance(plugin, DoublePrecision)
+        or (isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed")
+        or (isinstance(plugin, HalfPrecision) and plugin.precision == "bf16-true")
+    )
+    if not supported:
+        name = getattr(plugin, "precision", type(plugin).__name__)
+        hint = {
+            "16-mixed": "fp16 AMP needs a GradScaler for gradients that ZO never computes",
+            "16-true": "fp16 weights overflow where bf16 ones do not (both get stochastically rounded updates)",
+        }.get(str(name), "it is not supported by the ZO step")
+        raise ValueError(
+            f"zo2_offload does not support precision={name!r}: {hint}. Use `Trainer(precision='bf16-true')`"
+            " (bf16 weights, updates in fp32 with stochastic rounding), 'bf16-mixed' (bf16 compute over fp32"
+            " weights) or '32-true'."
+        )
+
+
+def check_same_model(checkpoint: dict[str, Any], module: LightningModule, path: _PATH) -> None:
+    """Refuse, before anything is copied, a checkpoint whose parameters do not fit ``module``."""
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, dict):
+        return  # Lightning itself reports a checkpoint without weights
+    own = module.state_dict(keep_vars=True)
+    shapes = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+              for k, v in saved.items() if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
+    missing = [k for k in own if k not in saved] if module.strict_loading else []
+    unexpected = [k for k in saved if k not in own] if module.strict_loading else []
+    if shapes or missing or unexpected:
+        found = "; ".join(
+            f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for what, keys in (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if keys
+        )
+        raise ValueError(
+            f"{path} was written for a different model: {found}. Build the module with the model config of the"
+            " run that wrote it (same size and architecture), or pass the checkpoint of this model."
+        )
+
+
+def as_number(kind: type, name: str, value: Any) -> Any:
+    """``kind(value)``, or an error that names the option (a Hydra override like ``offload.prefetch=abc``)."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+            f" (on the command line: offload.{name}=2)"
+        ) from None
+
+
+def scalar_loss(output: Any) -> Tensor:
+    """The loss of a training_step output, or an error naming the fix."""
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if loss is None:
+        raise ValueError(
+            "training_step returned None (or a dict without 'loss'): zo2_offload needs the scalar loss at every"
+            " step to form (L+ - L-) / (2 eps). Return the loss tensor, e.g. `return self.model(**batch).loss`."
+        )
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"training_step must return a scalar loss for zo2_offload, got {shape}. Reduce it first, e.g."
+            " `return loss.mean()`."
+        )
+    return loss.detach().float().reshape(())
