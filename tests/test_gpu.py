@@ -99,7 +99,7 @@ def test_exact_size_pinned_buffer_is_page_locked_and_copies_asynchronously():
     numel = (3 << 20) + 5  # 12 MiB + 20 B: torch's allocator would pin 16 MiB
     host = pinned.host_empty(numel, torch.float32, pin=True)
     assert host.is_pinned()
-    assert pinned.registered_bytes() - before == numel * 4
+    assert pinned.registered_bytes() - before == -(-numel * 4 // pinned.PAGE) * pinned.PAGE  # whole pages
     host.copy_(torch.arange(numel, dtype=torch.float32))
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
@@ -130,7 +130,8 @@ def test_engine_with_exact_pinned_blocks_equals_the_resident_forward(monkeypatch
     model.cpu()
     engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), prefetch=1)
     engine.attach()
-    host_bytes = sum(f.numel() * f.element_size() for flats in engine.streamer.host for f in flats)
+    host_bytes = sum(-(-f.numel() * f.element_size() // pinned.PAGE) * pinned.PAGE
+                     for flats in engine.streamer.host for f in flats)
     assert pinned.registered_bytes() - before == host_bytes
     assert all(f.is_pinned() for flats in engine.streamer.host for f in flats)
     with torch.no_grad():

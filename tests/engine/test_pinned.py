@@ -5,6 +5,7 @@ registration is covered by ``tests/test_gpu.py``.
 """
 
 import gc
+import io
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ class FakeDriver:
         self.calls.append(("register", ptr))
         if self.fail:
             return self.fail
-        assert ptr not in self.registered, "the same pages registered twice"
+        assert ptr % pinned.PAGE == 0 and nbytes % pinned.PAGE == 0, "the driver locks whole pages"
+        for start, size in self.registered.items():
+            assert ptr + nbytes <= start or start + size <= ptr, "overlapping ranges: the driver refuses them"
         self.registered[ptr] = nbytes
         return 0
 
@@ -34,6 +37,10 @@ class FakeDriver:
         assert ptr in self.registered, "unregistering pages never registered"
         del self.registered[ptr]
         return 0
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // pinned.PAGE) * pinned.PAGE
 
 
 @pytest.fixture
@@ -56,11 +63,25 @@ def test_registers_exactly_the_bytes_asked_for_not_a_power_of_two(driver, dtype)
     before = pinned.registered_bytes()
     numel = 3 * 1000 + 7  # far from a power of two
     flat = pinned.host_empty(numel, dtype, pin=True)
-    assert driver.registered == {flat.data_ptr(): numel * dtype.itemsize}
-    assert pinned.registered_bytes() - before == numel * dtype.itemsize
+    assert flat.shape == (numel,) and flat.dtype == dtype and flat.is_contiguous()
+    pages = _pages(numel * dtype.itemsize)
+    assert driver.registered == {flat.data_ptr(): pages}  # whole pages from the buffer's start, no more
+    assert flat.data_ptr() % pinned.PAGE == 0
+    assert pinned.registered_bytes() - before == pages
+    flat.fill_(3)  # the whole buffer is ours to write
+    assert flat.float().sum() == 3 * numel
     del flat
     gc.collect()
     assert driver.registered == {} and pinned.registered_bytes() == before
+
+
+def test_neighbouring_buffers_never_share_a_locked_page(driver):
+    """Heap allocations of a few pages sit next to each other; each registers pages of its own."""
+    flats = [pinned.host_empty(n, torch.float32, pin=True) for n in range(1000, 1200, 10)]
+    assert len(driver.registered) == len(flats)  # the fake asserts no two ranges overlap
+    for f in flats:
+        f.fill_(1.0)
+    assert all(torch.all(f == 1.0) for f in flats)
 
 
 def test_unregisters_only_after_the_last_view_is_gone(driver):
@@ -107,10 +128,10 @@ def test_block_host_copies_and_rule_state_are_registered_at_their_exact_sizes(dr
     block = discover_blocks(model)[0]
     unit = Unit.build(0, block.parameters(), {id(p) for p in block.parameters()})
     flats = unit.pack(torch.device("cpu"), pin=True, dtype=torch.bfloat16)
-    want = sorted(seg.numel * 2 for seg in unit.segments)
+    want = sorted(_pages(seg.numel * 2) for seg in unit.segments)
     assert sorted(driver.registered[f.data_ptr()] for f in flats) == want
     state = AdamRule().new_state(1234, torch.float32, torch.device("cpu"), pin=True)
-    assert [driver.registered[b.data_ptr()] for b in state] == [1234 * 4, 1234 * 4]
+    assert [driver.registered[b.data_ptr()] for b in state] == [_pages(1234 * 4)] * 2
     assert all(torch.count_nonzero(b) == 0 for b in state)
 
 
@@ -136,8 +157,13 @@ def test_the_engine_leaves_nothing_registered_after_detach(driver, monkeypatch):
     assert sorted(driver.registered) == sorted(f.data_ptr() for f in host)
     with torch.no_grad():
         got = tiny_models.logits(model, batch)
+    saved = io.BytesIO()
+    torch.save(model.state_dict(), saved)  # a checkpoint while attached reads the mapped host copies
     engine.detach()
     del host, engine
     gc.collect()
     assert torch.equal(got, expected)
     assert driver.registered == {}
+    saved.seek(0)
+    for name, value in torch.load(saved, weights_only=True).items():
+        assert torch.equal(value, model.state_dict()[name]), name

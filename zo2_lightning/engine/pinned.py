@@ -7,7 +7,8 @@ Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator (``Cachi
 allocation up to the next power of two. An OPT-13B block in bf16 (629 MB) then pins 1 GiB, 1.7x its bytes, and
 the host RAM, not the GPU, caps the largest model. Here a plain CPU allocation is registered with the CUDA driver
 (``cudaHostRegister``, the route torch's own checkpoint stager takes) and unregistered when its storage is
-freed, i.e. when the last tensor viewing it is gone. Buffers under :data:`MIN_REGISTER_BYTES` still come from
+freed, i.e. when the last tensor viewing it is gone. Each buffer is its own anonymous memory map, so what is
+locked is the buffer rounded up to whole pages (4 KiB) and no page is shared with another allocation. Buffers under :data:`MIN_REGISTER_BYTES` still come from
 torch's allocator (rounding them wastes little; registering each costs a driver call).
 
 ``ZO2_PINNED=torch`` in the environment sends every buffer through torch's allocator instead.
@@ -15,6 +16,7 @@ torch's allocator (rounding them wastes little; registering each costs a driver 
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import weakref
@@ -22,6 +24,7 @@ import weakref
 import torch
 
 MIN_REGISTER_BYTES = 1 << 20
+PAGE = mmap.PAGESIZE
 _CHOICES = ("exact", "torch")
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, not only the current one
 
@@ -71,22 +74,27 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tenso
     nbytes = numel * dtype.itemsize
     if not pin:
         return torch.empty(numel, dtype=dtype)
-    if nbytes < MIN_REGISTER_BYTES or allocator() == "torch":
+    if nbytes == 0 or nbytes < MIN_REGISTER_BYTES or allocator() == "torch":
         return torch.empty(numel, dtype=dtype, pin_memory=True)
-    flat = torch.empty(numel, dtype=dtype)
+    # The driver locks whole pages and refuses overlapping ranges, and a heap allocation may share its first and
+    # last page with a neighbour. So each buffer gets pages of its own: an anonymous memory map (page-aligned,
+    # returned to the OS when freed), which the tensor's storage keeps alive.
+    locked = -(-nbytes // PAGE) * PAGE
+    pages = mmap.mmap(-1, locked, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: what malloc would map
+    flat = torch.frombuffer(pages, dtype=dtype, count=numel)
     storage = flat.untyped_storage()
     ptr = storage.data_ptr()
-    err = _driver.register(ptr, nbytes)
+    err = _driver.register(ptr, locked)
     if err != 0:
         raise RuntimeError(
             f"cudaHostRegister of {nbytes / 2**20:.1f} MiB of host memory failed (cudaError {err}). Host memory may"
             " be short, or locked-memory limits may forbid it: free host memory, set ZO2_PINNED=torch to use"
             " torch's pinned allocator, or pass pin_memory=False (slower, synchronous copies)."
         )
-    _count(nbytes)
+    _count(locked)
     # Unlock when the storage dies. Its Python object lives exactly as long as the storage (torch preserves it),
-    # so this fires after the last view, parameter or slice is gone, before the memory is returned.
-    done = weakref.finalize(storage, _unregister, ptr, nbytes)
+    # so this fires after the last view, parameter or slice is gone, and before the map is unmapped.
+    done = weakref.finalize(storage, _unregister, ptr, locked)
     done.atexit = False  # at exit the CUDA context may already be gone; the OS unlocks the pages anyway
     return flat
 
