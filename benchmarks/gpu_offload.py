@@ -19,7 +19,8 @@ applied on the next upload) in two settings:
 each in these modes: ``streamed`` (blocks in pinned host memory, ``prefetch`` blocks uploaded ahead),
 ``streamed min-mem`` (16-bit weights only: no z kept, ``prefetch + 1`` block buffers), ``in-GPU``
 (the same engine with everything on the GPU, where it fits) and ``MeZO ref`` (MeZO's own loop: in-place
-perturbation, z regenerated from the step seed, 16-bit weights only). Per row: peak
+perturbation, z regenerated from the step seed, 16-bit weights only). The engine rows take LMTask's loss (the
+LM head applied in chunks of 256 MiB of logits); MeZO ref takes the model's own loss over full logits. Per row: peak
 ``torch.cuda.max_memory_allocated`` over the timed steps (GB = 1e9 bytes), seconds per step (``--warmup`` steps,
 then the mean of ``--steps``), tokens/s (batch x seq per step, counted once although a step runs two
 forwards), bytes uploaded and written back per step, and the link-bound step time (those bytes at the measured

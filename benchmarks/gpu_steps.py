@@ -18,8 +18,10 @@ from transformers import OPTConfig
 
 from gpu_helpers import HostFill, Precision, block_numels, fill_, meta_model, opt_config
 from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.tasks.head_loss import chunk_positions, lm_loss_at, split_head
 
 EPS, LR = 1e-3, 1e-6
+HEAD_CHUNK_MIB = 256  # LMTask's default head_chunk_mib
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,15 @@ def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: in
 
 
 def engine_step(engine: ZOEngine, model: Any, ids: torch.Tensor, prec: Precision) -> Callable[[int], float]:
-    """One MeZO step through the engine (both forwards in lockstep, commit); returns L+."""
+    """One MeZO step through the engine (both forwards in lockstep, commit); returns L+. The loss is LMTask's:
+    the LM head applied in chunks (zo2_lightning/tasks/head_loss.py), not over the full logits."""
+
+    parts = split_head(model)  # the head only where the loss reads it, in chunks, as LMTask does
+    chunk = chunk_positions(model.config.vocab_size, HEAD_CHUNK_MIB)
 
     def loss(key: Any) -> torch.Tensor:
-        return model(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache: training forwards
+        hidden = parts.backbone(input_ids=ids, use_cache=False).last_hidden_state  # no KV cache: training forwards
+        return lm_loss_at(hidden, parts.head, ids, chunk)
 
     def step(i: int) -> float:
         # cache_enabled=False: autocast caches casts per tensor, but the engine rebinds a parameter's data between

@@ -24,13 +24,8 @@ from torchmetrics.text import SQuAD
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zo2_lightning.module import ZOModule
-from zo2_lightning.tasks.scoring import (
-    choice_scores,
-    classification_loss,
-    first_line,
-    lm_loss,
-    masked_scores,
-)
+from zo2_lightning.tasks.head_loss import HeadParts, chunk_positions, lm_loss_at, option_logprobs_at, split_head
+from zo2_lightning.tasks.scoring import choice_scores, choice_table, classification_loss, first_line, lm_loss, masked_scores
 
 _MODEL_INPUTS = ("input_ids", "attention_mask")
 
@@ -44,6 +39,9 @@ class LMTask(ZOModule, L.LightningModule):
         optimizer: ``params -> Optimizer`` (a ``functools.partial`` of :class:`~zo2_lightning.ZOSGD`).
         scheduler: ``optimizer -> LRScheduler``, stepped every optimizer step; ``None``: constant lr (MeZO).
         max_new_tokens: decoding budget for generation batches.
+        head_chunk_mib: LM and choice losses apply the head only at the positions they read, in chunks whose
+            logits stay under this many MiB (decoder families of :mod:`.tasks.head_loss`; others, and ``None``,
+            take the model's full logits). The loss is the same up to float summation order.
     """
 
     def __init__(
@@ -54,6 +52,7 @@ class LMTask(ZOModule, L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         max_new_tokens: int = 50,
+        head_chunk_mib: float | None = 256.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -61,6 +60,10 @@ class LMTask(ZOModule, L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
+        if head_chunk_mib is not None and not head_chunk_mib > 0:
+            raise ValueError(f"head_chunk_mib must be a positive number of MiB or None (full logits), got"
+                             f" {head_chunk_mib!r}")
+        self.head_chunk_mib = head_chunk_mib
         # One set per stage: Lightning resets a metric logged as an object at the end of its epoch.
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({"acc": MeanMetric(), "score": MeanMetric(), "loss": MeanMetric(), "squad": SQuAD()})
@@ -77,11 +80,34 @@ class LMTask(ZOModule, L.LightningModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         """The training loss of a batch: LM loss, or cross-entropy over candidate / label-word scores."""
-        logits = self.logits(batch)
         if batch["kind"] == "lm":
-            return lm_loss(logits, batch["labels"])
-        scores = choice_scores(logits, batch) if batch["kind"] == "choice" else masked_scores(logits, batch)
-        return classification_loss(scores, batch["gold"])
+            return self._lm_loss(batch)
+        return classification_loss(self._scores(batch), batch["gold"])
+
+    def _head_parts(self) -> HeadParts | None:
+        return None if self.head_chunk_mib is None else split_head(self.model)
+
+    def _hidden(self, parts: HeadParts, batch: dict) -> torch.Tensor:
+        extra = {"use_cache": False} if _takes_use_cache(parts.backbone) else {}
+        return parts.backbone(**{k: batch[k] for k in _MODEL_INPUTS}, **extra).last_hidden_state
+
+    def _lm_loss(self, batch: dict) -> torch.Tensor:
+        parts = self._head_parts()
+        if parts is None:
+            return lm_loss(self.logits(batch), batch["labels"])
+        vocab = getattr(parts.head, "out_features", None) or self.model.config.vocab_size
+        chunk = chunk_positions(vocab, self.head_chunk_mib)
+        return lm_loss_at(self._hidden(parts, batch), parts.head, batch["labels"], chunk)
+
+    def _scores(self, batch: dict) -> torch.Tensor:
+        """``(B, C)`` candidate scores of a choice or masked batch."""
+        parts = self._head_parts() if batch["kind"] == "choice" else None
+        if parts is not None:
+            per_row = option_logprobs_at(self._hidden(parts, batch), parts.head, batch["input_ids"],
+                                         batch["option_mask"])
+            return choice_table(per_row, batch)
+        logits = self.logits(batch)
+        return choice_scores(logits, batch) if batch["kind"] == "choice" else masked_scores(logits, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -95,11 +121,10 @@ class LMTask(ZOModule, L.LightningModule):
             self._score_generation(batch, metrics["squad"])
             return
         if batch["kind"] == "lm":
-            metrics["loss"].update(lm_loss(self.logits(batch), batch["labels"]))
+            metrics["loss"].update(self._lm_loss(batch))
             self.log(f"{stage}/loss", metrics["loss"], batch_size=size)
             return
-        logits = self.logits(batch)
-        scores = choice_scores(logits, batch) if batch["kind"] == "choice" else masked_scores(logits, batch)
+        scores = self._scores(batch)
         correct = (scores.argmax(-1) == batch["gold"]).float()
         metrics["acc"].update(correct)
         metrics["score"].update(correct * 100)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -29,17 +31,28 @@ def option_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, option_mask: 
     Returns:
         ``(N,)`` float32 scores.
     """
-    target = option_mask[:, 1:].bool()  # token t is predicted by the logits at t - 1
+    return scored_logprobs(lambda rows, cols: logits[rows, cols], input_ids, option_mask)
+
+
+def scored_logprobs(logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                    option_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`option_logprobs`, given ``logits_at(rows, cols)``: the ``(P, V)`` logits at the scored positions
+    only (token t is predicted by the logits at t - 1)."""
+    target = option_mask[:, 1:].bool()
     rows, cols = target.nonzero(as_tuple=True)
-    logp = logits[rows, cols].float().log_softmax(-1)  # (P, V): only the scored positions
+    logp = logits_at(rows, cols).float().log_softmax(-1)  # (P, V): only the scored positions
     token_logp = logp.gather(-1, input_ids[rows, cols + 1, None]).squeeze(-1)
-    total = torch.zeros(logits.shape[0], device=logits.device).index_add_(0, rows, token_logp)
+    total = torch.zeros(option_mask.shape[0], device=token_logp.device).index_add_(0, rows, token_logp)
     return total / target.sum(-1).clamp_min(1)
 
 
 def choice_scores(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """``(B, C)`` candidate scores of a ``choice`` batch; missing candidates score ``-inf``."""
-    per_row = option_logprobs(logits, batch["input_ids"], batch["option_mask"])
+    return choice_table(option_logprobs(logits, batch["input_ids"], batch["option_mask"]), batch)
+
+
+def choice_table(per_row: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-row candidate scores (one row per prompt and candidate) laid out ``(B, C)``; missing ones ``-inf``."""
     b, c = batch["gold"].shape[0], int(batch["num_candidates"].max())
     table = torch.full((b, c), float("-inf"), device=per_row.device)
     table[batch["owner"], batch["slot"]] = per_row
