@@ -25,7 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zo2_lightning.module import ZOModule
 from zo2_lightning.tasks.head_loss import HeadParts, chunk_positions, lm_loss_at, option_logprobs_at, split_head
-from zo2_lightning.tasks.scoring import choice_scores, choice_table, classification_loss, first_line, lm_loss, masked_scores
+from zo2_lightning.tasks.scoring import (
+    choice_scores,
+    choice_table,
+    classification_loss,
+    first_line,
+    lm_loss,
+    masked_scores,
+)
 
 _MODEL_INPUTS = ("input_ids", "attention_mask")
 

@@ -5,11 +5,11 @@ GPU run asynchronously at the link's full rate. ``pin=False`` is a plain ``torch
 
 Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator (``CachingHostAllocator``) rounds every
 allocation up to the next power of two. An OPT-13B block in bf16 (629 MB) then pins 1 GiB, 1.7x its bytes, and
-the host RAM, not the GPU, caps the largest model. Here a plain CPU allocation is registered with the CUDA driver
-(``cudaHostRegister``, the route torch's own checkpoint stager takes) and unregistered when its storage is
-freed, i.e. when the last tensor viewing it is gone. Each buffer is its own anonymous memory map, so what is
-locked is the buffer rounded up to whole pages (4 KiB) and no page is shared with another allocation. Buffers under :data:`MIN_REGISTER_BYTES` still come from
-torch's allocator (rounding them wastes little; registering each costs a driver call).
+the host RAM, not the GPU, caps the largest model. Here each buffer is its own anonymous memory map, registered
+with the CUDA driver (``cudaHostRegister``, the route torch's own checkpoint stager takes) and unregistered when
+its storage is freed, i.e. when the last tensor viewing it is gone. What is locked is the buffer rounded up to
+whole pages (4 KiB), and no page is shared with another allocation. Buffers under :data:`MIN_REGISTER_BYTES`
+still come from torch's allocator (rounding them wastes little; registering each costs a driver call).
 
 ``ZO2_PINNED=torch`` in the environment sends every buffer through torch's allocator instead.
 """
