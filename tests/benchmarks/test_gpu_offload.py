@@ -108,3 +108,21 @@ def test_table_judges_the_targets(gpu):
     assert lines[-2] == "| 1.3b | bf16_weights | streamed p1 | zo2 | pass (0.80x) | pass (0.95x) | pass (0.90x) |"
     rows[0].update(peak_gb=3.1, tokens_per_s=900.0, link_bound_s=0.4)
     assert table.targets(rows)[-2].endswith("| FAIL (0.83x) | FAIL (0.90x) | compute-bound (0.40x) |")
+
+
+def test_the_gpu_script_and_gpu_tests_need_no_hydra():
+    """The GPU machine's image has torch, transformers and lightning but neither hydra nor omegaconf: the
+    benchmark and the GPU tests must import without them (the one device run cannot afford an ImportError)."""
+    import os
+    import subprocess
+    import sys
+
+    root = BENCHMARKS.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).with_name("without_hydra")), str(root)]))
+    probe = "import importlib.util as u; assert u.find_spec('omegaconf') is None; import gpu_offload, gpu_steps"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=BENCHMARKS, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    collect = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-p",
+               "no:hydra_pytest", "tests/test_gpu.py", "tests/engine/test_pinned.py"]
+    done = subprocess.run(collect, cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
