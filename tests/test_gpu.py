@@ -18,8 +18,18 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@pytest.mark.parametrize("register_all", [False, True], ids=["pinned", "all-registered"])
 @pytest.mark.parametrize("arch", ["opt", "llama", "t5"])
-def test_streamed_cuda_forward_equals_the_resident_cuda_forward(arch):
+def test_streamed_cuda_forward_equals_the_resident_cuda_forward(arch, register_all, monkeypatch):
+    """Streamed forwards equal the all-on-GPU ones. ``all-registered``: every host copy, however small, pinned by
+    the engine's own registration (engine/pinned.py), and nothing left registered after detach()."""
+    import gc
+
+    from zo2_lightning.engine import pinned
+
+    if register_all:
+        monkeypatch.setattr(pinned, "MIN_REGISTER_BYTES", 0)
+    before = pinned.registered_bytes()
     model, batch = tiny_models.build(arch)
     batch = _to(batch, "cuda")
     with torch.no_grad():
@@ -27,12 +37,19 @@ def test_streamed_cuda_forward_equals_the_resident_cuda_forward(arch):
     model.cpu()
     engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), prefetch=2)
     engine.attach()
-    assert engine.streamer.host[0][0].is_pinned()
+    host = [f for flats in engine.streamer.host for f in flats]
+    assert all(f.is_pinned() for f in host)
+    if register_all:
+        pages = sum(-(-f.numel() * f.element_size() // pinned.PAGE) * pinned.PAGE for f in host)
+        assert pinned.registered_bytes() - before == pages
     with torch.no_grad():
         got = tiny_models.logits(model, batch)
     engine.detach()
+    del engine, host
+    gc.collect()
     assert torch.equal(got, expected)
     assert all(p.device.type == "cpu" for p in model.parameters())
+    assert pinned.registered_bytes() == before
 
 
 @pytest.mark.parametrize("resident_blocks", [0, 1])
@@ -111,33 +128,4 @@ def test_exact_size_pinned_buffer_is_page_locked_and_copies_asynchronously():
     assert torch.equal(back, 2 * torch.arange(numel, dtype=torch.float32))
     del host, back, dev
     gc.collect()
-    assert pinned.registered_bytes() == before
-
-
-def test_engine_with_exact_pinned_blocks_equals_the_resident_forward(monkeypatch):
-    """Every block host copy registered (threshold 0): streamed forwards equal the all-on-GPU ones, and after
-    detach() (parameters get their own storage back) nothing stays registered."""
-    import gc
-
-    from zo2_lightning.engine import pinned
-
-    monkeypatch.setattr(pinned, "MIN_REGISTER_BYTES", 0)
-    before = pinned.registered_bytes()
-    model, batch = tiny_models.build("opt")
-    batch = _to(batch, "cuda")
-    with torch.no_grad():
-        expected = tiny_models.logits(model.to("cuda"), batch)
-    model.cpu()
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), prefetch=1)
-    engine.attach()
-    host_bytes = sum(-(-f.numel() * f.element_size() // pinned.PAGE) * pinned.PAGE
-                     for flats in engine.streamer.host for f in flats)
-    assert pinned.registered_bytes() - before == host_bytes
-    assert all(f.is_pinned() for flats in engine.streamer.host for f in flats)
-    with torch.no_grad():
-        got = tiny_models.logits(model, batch)
-    engine.detach()
-    del engine
-    gc.collect()
-    assert torch.equal(got, expected)
     assert pinned.registered_bytes() == before

@@ -32,7 +32,11 @@ class FakeDriver:
         self.registered[ptr] = nbytes
         return 0
 
-    def unregister(self, ptr: int) -> int:
+    def device(self) -> int:
+        return 3
+
+    def unregister(self, ptr: int, device: int) -> int:
+        assert device == 3, "unregistered on another device than it was registered on"
         self.calls.append(("unregister", ptr))
         assert ptr in self.registered, "unregistering pages never registered"
         del self.registered[ptr]

@@ -1,7 +1,7 @@
 """Page-locked host buffers of exactly the size asked for.
 
-``flat = host_empty(numel, dtype, pin=True)``: a CPU tensor whose pages are locked, so copies to and from the
-GPU run asynchronously at the link's full rate. ``pin=False`` is a plain ``torch.empty``.
+``with serving(device): flat = host_empty(numel, dtype, pin=True)``: a CPU tensor whose pages are locked, so copies
+to and from ``device`` run asynchronously at the link's full rate. ``pin=False`` is a plain ``torch.empty``.
 
 Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator (``CachingHostAllocator``) rounds every
 allocation up to the next power of two. An OPT-13B block in bf16 (629 MB) then pins 1 GiB, 1.7x its bytes, and
@@ -16,6 +16,7 @@ still come from torch's allocator (rounding them wastes little; registering each
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -35,14 +36,20 @@ _registered_bytes = 0
 class _CudaDriver:
     """The two driver calls, through torch's bindings of the CUDA runtime (tests substitute a fake)."""
 
+    def device(self) -> int:
+        return torch.cuda.current_device()
+
     def register(self, ptr: int, nbytes: int) -> int:
         return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _PORTABLE))
 
-    def unregister(self, ptr: int) -> int:
-        # A copy may still be reading or writing these pages (teardown after a failed step): let it finish
-        # before the memory goes back to the heap. torch's own pinned buffers get this from recorded events.
-        torch.cuda.synchronize()
-        return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    def unregister(self, ptr: int, device: int) -> int:
+        # On the registering device: the last reference may drop in another thread, whose current device is 0
+        # (a context there would cost every rank GPU memory on GPU 0). A copy may still be reading or writing
+        # these pages (teardown after a failed step): let it finish before the memory is unmapped; torch's own
+        # pinned buffers get this from recorded events.
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            return int(torch.cuda.cudart().cudaHostUnregister(ptr))
 
 
 _driver = _CudaDriver()
@@ -94,9 +101,14 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tenso
     _count(locked)
     # Unlock when the storage dies. Its Python object lives exactly as long as the storage (torch preserves it),
     # so this fires after the last view, parameter or slice is gone, and before the map is unmapped.
-    done = weakref.finalize(storage, _unregister, ptr, locked)
+    done = weakref.finalize(storage, _unregister, ptr, locked, _driver.device())
     done.atexit = False  # at exit the CUDA context may already be gone; the OS unlocks the pages anyway
     return flat
+
+
+def serving(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while host buffers for it are pinned (its context registers them), if CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def host_zeros(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
@@ -110,6 +122,6 @@ def _count(nbytes: int) -> None:
         _registered_bytes += nbytes
 
 
-def _unregister(ptr: int, nbytes: int) -> None:
-    _driver.unregister(ptr)  # an error here leaves the pages locked until exit; nothing to do about it
+def _unregister(ptr: int, nbytes: int, device: int) -> None:
+    _driver.unregister(ptr, device)  # an error here leaves the pages locked until exit; nothing to do about it
     _count(-nbytes)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from zo2_lightning.engine.pinned import serving
 from zo2_lightning.engine.rules import UpdateRule
 from zo2_lightning.engine.seeds import RESIDENT_UNIT
 from zo2_lightning.engine.units import Unit
@@ -43,9 +44,11 @@ class RuleState:
         if unit.index not in self.buffers:
             home = self._home_of(unit)
             pin = home.type == "cpu" and self.device.type == "cuda"
-            self.buffers[unit.index] = [  # 16-bit parameters keep fp32 state (their update runs in fp32)
-                self.rule.new_state(seg.trainable_numel, _state_dtype(seg.dtype), home, pin) for seg in unit.segments
-            ]
+            with serving(self.device):
+                self.buffers[unit.index] = [  # 16-bit parameters keep fp32 state (their update runs in fp32)
+                    self.rule.new_state(seg.trainable_numel, _state_dtype(seg.dtype), home, pin)
+                    for seg in unit.segments
+                ]
         return self.buffers[unit.index]
 
     def borrow(self, unit: Unit) -> Buffers:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zo2_lightning.engine.disk import DiskStore
-from zo2_lightning.engine.pinned import host_empty
+from zo2_lightning.engine.pinned import host_empty, serving
 from zo2_lightning.engine.units import Unit
 
 
@@ -121,7 +121,8 @@ class BlockStreamer:
         for i, unit in enumerate(self.units):
             if before_pack is not None:
                 before_pack(i)
-            flats = unit.pack(self.host_device, pin=self.pin and self.disk is None, dtype=self.storage_dtype)
+            with serving(self.device):
+                flats = unit.pack(self.host_device, pin=self.pin and self.disk is None, dtype=self.storage_dtype)
             if self.disk is not None:
                 self.disk.write(i, flats)  # one block in memory at a time
                 flats = None
@@ -341,7 +342,8 @@ class BlockStreamer:
         for hd, n in need.items():
             if hd not in self._staging or self._staging[hd].numel() < n:
                 most = max(sum(s.numel for s in u.segments if self._host_dtype(s.dtype) == hd) for u in self.units)
-                self._staging[hd] = host_empty(max(n, most), hd, pin=self.device.type == "cuda")
+                with serving(self.device):
+                    self._staging[hd] = host_empty(max(n, most), hd, pin=self.device.type == "cuda")
         views, used = [], dict.fromkeys(need, 0)
         for d in dst:
             hd = self._host_dtype(d.dtype)
