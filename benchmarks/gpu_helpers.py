@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import OPTConfig, OPTForCausalLM
 
-from zo2_lightning.engine.pinned import allocator, registered_bytes
+from zo2_lightning.engine.pinned import allocator, host_empty, registered_bytes, serving
 
 GB = 1e9  # decimal: ZO2's table is in GB, and a decimal GB makes our figure the larger (the stricter comparison)
 GIB = 2**30
@@ -211,7 +211,8 @@ def _best_gbps(copy: Callable[[], None], nbytes: int, reps: int, sync: Callable[
 
 def measure_bandwidth(device: torch.device, nbytes: int, reps: int = 3) -> dict[str, float]:
     """Copy rates in GB/s (best of ``reps``): pinned and pageable host->device and device->host, pinned both ways
-    at once (half the buffer each way, on two streams), and ``pin_alloc``, the rate at which host memory is
+    at once (half the buffer each way, on two streams), the same from a buffer pinned as the engine pins its host
+    copies (``*_registered``: zo2_lightning/engine/pinned.py), and ``pin_alloc``, the rate at which host memory is
     pinned (allocated and touched once; it sets the build time of the streamed models). On a CPU ``device``
     these are plain host copies."""
     rates = _copy_rates(device, nbytes, reps)
@@ -244,6 +245,12 @@ def _copy_rates(device: torch.device, nbytes: int, reps: int) -> dict[str, float
                 pinned[half:].copy_(dev[half:], non_blocking=True)
 
         out["bidir_pinned"] = _best_gbps(both, 2 * half, reps, sync)
+        # the engine's own pinning (an exact-size registered map, not torch's allocator): the same rates?
+        odd = nbytes - nbytes // 3  # not a power of two
+        with serving(device):
+            registered = host_empty(odd, torch.uint8, pin=True).fill_(1)
+        out["h2d_registered"] = _best_gbps(lambda: dev[:odd].copy_(registered, non_blocking=True), odd, reps, sync)
+        out["d2h_registered"] = _best_gbps(lambda: registered.copy_(dev[:odd], non_blocking=True), odd, reps, sync)
     out["pin_alloc"] = pin_alloc
     return out
 
