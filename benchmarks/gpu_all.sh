@@ -8,8 +8,8 @@
 #   gpu_offload.md   the table alone;  gpu_offload.log  progress lines;  RESULTS.md  benchmarks/RESULTS.md + table
 #
 # The package is not installed: the repository root goes on PYTHONPATH (that machine has no network, so pip
-# could fetch nothing anyway). Packages its image lacks (greenlet, at last look) travel as wheels in .whl/
-# (see /work/.library/device/README.md: pip download ... -d .whl; run with carry [".whl"]).
+# could fetch nothing anyway). Packages its image lacks (greenlet, at last look) travel as wheels in .whl/:
+# run `bash benchmarks/gpu_prepare.sh` here first, then this with carry [".whl"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
