@@ -64,6 +64,34 @@ def test_regenerated_directions_keep_one_block_buffer_and_one_resident_copy():
     assert names == {"P"} and resident_copies == 0  # the resident's one copy is its z buffer
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep_directions"])
+def test_resident_scratch_is_the_runs_copies_and_a_z_only_where_kept(keep):
+    """Default: 2q resident copies and no z buffer (z is drawn into each +eps copy, and again for the commit,
+    into a copy the runs are done with). keep_directions: a z buffer too, which saves that second draw."""
+    from zo2_lightning.engine import spsa as spsa_mod
+
+    model, batch = tiny_models.build("opt")  # tied head: the resident unit is large
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, keep_directions=keep)
+    engine.attach([list(model.parameters())])
+    res_numel = sum(w.numel() for w in engine.res.w)
+    drawn = []
+    real = spsa_mod.UnitSPSA.draw
+    spsa_mod.UnitSPSA.draw = lambda self, unit, *a: (drawn.append(unit.index), real(self, unit, *a))[1]
+    try:
+        with torch.no_grad():
+            engine.run_directions(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS, seeds=[1, 2])
+            engine.commit(0, 0.5, [1e-3], [0.0], seed=2)
+    finally:
+        spsa_mod.UnitSPSA.draw = real
+    res = engine.res
+    buffers = [*res.copies.values(), *([res.z] if res.z is not None else [])]
+    scratch = sum(t.numel() for bufs in buffers for t in bufs)
+    engine.detach()
+    assert len(res.copies) == 4  # (d, s) for q = 2
+    assert scratch == (5 if keep else 4) * res_numel
+    assert drawn.count(res.unit.index) == (2 if keep else 3)  # a draw per direction, + the commit's
+
+
 def test_keep_and_regenerate_exclude_each_other():
     with pytest.raises(ValueError, match="exclude each other"):
         ZO2OffloadStrategy(keep_directions=True, regenerate_directions=True)

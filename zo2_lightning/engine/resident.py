@@ -6,8 +6,11 @@ signs, keys)`` (or ``res.prepare_trial(commits)``), ``res.activate(key)`` whenev
 
 Every run may read them between any two blocks (an encoder-decoder's shared embeddings are read mid-forward),
 so each run's copy must be in place for the whole of its turn. By default all 2q copies are built once per
-step; with ``regenerate`` there is one copy, rebuilt from a fresh draw of z whenever the run changes (2q per
-block: for the largest models, whose embeddings are gigabytes).
+step, each direction's z drawn into its +eps copy and turned into it in place (no z buffer: the commit draws z
+again, into a copy the runs no longer need, as the blocks' deferred updates do); with ``keep_directions`` a z
+buffer keeps the last direction's z for its commit (one draw fewer, one buffer more); with ``regenerate`` there
+is one copy, rebuilt from a fresh draw of z whenever the run changes (2q per block: for the largest models,
+whose embeddings are gigabytes).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ class ResidentParams:
         self.unit.bind(self.w)
         self.spsa = spsa
         self.regenerate = regenerate
-        self.z = [torch.empty_like(w) for w in self.w]  # z scratch; with regenerate also the one copy
+        # z scratch (with regenerate also the one copy), only where it is kept between uses; else see _scratch
+        self.z = [torch.empty_like(w) for w in self.w] if regenerate or spsa.keep_directions else None
+        self._spare: list[torch.Tensor] | None = None  # scratch allocated on demand (a trial's z)
         self._z_key: tuple[int, int] | None = None  # (step, seed) of the z held in self.z
         self.copies: dict[RunKey, list[torch.Tensor]] = {}  # (direction, sign) -> perturbed copy
         self._copy_of: RunKey | None = None  # regenerate: the run key self.z holds
@@ -58,7 +63,7 @@ class ResidentParams:
             return
         self._reserve(keys)
         self.spsa.perturb(self.unit, self.w, step, eps, seeds, self.copies, self.z, signs=signs)
-        self._z_key = (step, seeds[-1])  # self.z holds the last direction's z
+        self._z_key = (step, seeds[-1]) if self.z is not None else None  # self.z holds the last direction's z
 
     def prepare_trial(self, commits: Sequence[Commit]) -> None:
         """Before a conservative step's trial runs: the step and the step reversed, as the commits would apply."""
@@ -66,8 +71,8 @@ class ResidentParams:
         if not self.trainable:
             return
         self._reserve([(0, +1), (0, -1)])
-        self.spsa.trial(self.unit, self.w, commits, self.copies, self.z)
-        self._z_key = None  # self.z was spent as the trial's scratch
+        self.spsa.trial(self.unit, self.w, commits, self.copies, self._scratch(besides_copies=True))
+        self._z_key = None  # the scratch was spent on the trial
 
     def activate(self, key: RunKey) -> None:
         """The run ``key`` is about to execute: bind its copy (sign 0: the parameters themselves)."""
@@ -90,10 +95,24 @@ class ResidentParams:
         """Apply ``c`` now (the resident parameters never wait for an arrival)."""
         if not self.trainable:
             return
-        if self._z_key != (c.step, c.seed):
-            self.spsa.draw(self.unit, c.step, c.seed, self.z)
-        self.spsa.apply(self.unit, self.w, self.z, c)
+        if self._z_key == (c.step, c.seed):
+            z = self.z
+        else:
+            z = self._scratch()
+            self.spsa.draw(self.unit, c.step, c.seed, z)
+        self.spsa.apply(self.unit, self.w, z, c)
         self._z_key = None  # consumed as scratch by the update
+
+    def _scratch(self, besides_copies: bool = False) -> list[torch.Tensor]:
+        """A resident-sized buffer to draw z into: the z buffer where there is one, else (outside the runs) a
+        run's copy, else one allocated for the purpose (and kept)."""
+        if self.z is not None:
+            return self.z
+        if not besides_copies and self.copies:
+            return next(iter(self.copies.values()))
+        if self._spare is None:
+            self._spare = [torch.empty_like(w) for w in self.w]
+        return self._spare
 
     def restore(self) -> None:
         """Give each parameter its own storage again (detach)."""

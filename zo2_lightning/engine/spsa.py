@@ -3,7 +3,7 @@
 ``spsa = UnitSPSA(device, group_of, storage_dtype=None, rule=AdamRule())``; ``spsa.size_for(units)``;
 ``spsa.reserve(keys)``; ``zs = spsa.directions_of(unit, step, seeds)``, then per run
 ``spsa.perturb_one(unit, flats, zs[d], s * eps, spsa.views("P", unit))``; ``spsa.catch_up(unit, flats, commits)``;
-``spsa.trial(unit, flats, commits, out)``; ``spsa.perturb(unit, flats, step, eps, seeds, out, z)`` (all copies at once)
+``spsa.trial(unit, flats, commits, out)``; ``spsa.perturb(unit, flats, step, eps, seeds, out)`` (all copies at once)
 
 A block's scratch is one z per direction and one perturbed copy ``"P"``, rebuilt for each run as it takes its
 turn at the block (same values every time, so the runs stay bitwise what they were); a conservative trial
@@ -195,15 +195,24 @@ class UnitSPSA:
         eps: float,
         seeds: Sequence[int],
         out: dict[RunKey, list[torch.Tensor]],
-        z: list[torch.Tensor],
+        z: list[torch.Tensor] | None = None,
         signs: Sequence[int] = (+1, -1),
     ) -> None:
         """theta + s * eps * z_d for every direction d and sign s, into ``out[(d, s)]``, all at once (the
-        resident unit, read by every run between blocks); ``z`` is scratch. ``signs=(+1,)``: one-sided."""
+        resident unit, read by every run between blocks). ``z``: scratch that keeps the last direction's z; None:
+        each z is drawn into ``out[(d, +1)]``, the other signs' copies made from it, and it then becomes the
+        +eps copy in place (the same bits). ``signs=(+1,)``: one-sided."""
         for d, seed in enumerate(seeds):
-            self.draw(unit, step, seed, z)
+            zd = out[(d, +1)] if z is None else z
+            self.draw(unit, step, seed, zd)
             for s in signs:
-                self.perturb_one(unit, flats, z, s * eps, out[(d, s)])
+                if z is None and s == +1:
+                    continue
+                self.perturb_one(unit, flats, zd, s * eps, out[(d, s)])
+            if z is None:  # what perturb_one computes, in place: z * eps + theta
+                for seg, w, pc in zip(unit.segments, flats, zd):
+                    n = seg.trainable_numel
+                    pc[:n].mul_(eps).add_(w[:n])
 
     def trial(
         self,
