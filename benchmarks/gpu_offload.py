@@ -17,7 +17,8 @@ applied on the next upload) in two settings:
 - ``mezo``: batch 16 x seq 512, MeZO's batch (its prompts are short; 512 bounds them);
 
 each in these modes: ``streamed`` (blocks in pinned host memory, ``prefetch`` blocks uploaded ahead),
-``streamed min-mem`` (16-bit weights only: no z kept, ``prefetch + 1`` block buffers), ``in-GPU``
+``streamed regen`` (16-bit weights only: no z kept, each run's copy drawn afresh), ``streamed min-mem`` (regen
+and ``prefetch + 1`` block buffers, so an upload waits for the write-back of the buffer it reuses), ``in-GPU``
 (the same engine with everything on the GPU, where it fits) and ``MeZO ref`` (MeZO's own loop: in-place
 perturbation, z regenerated from the step seed, 16-bit weights only). The engine rows take LMTask's loss (the
 LM head applied in chunks of 256 MiB of logits); MeZO ref takes the model's own loss over full logits. Per row: peak
@@ -120,9 +121,9 @@ class Bench:
 
     def modes(self, prec: str) -> list[str]:
         modes = [f"streamed p{k}" for k in self.args.prefetch]
-        if PRECISIONS[prec].storage_dtype is None:  # 16-bit weights: also the least-memory engine (no z kept,
-            # prefetch + 1 block buffers)
-            modes.append(f"streamed p{self.args.prefetch[0]} min-mem")
+        if PRECISIONS[prec].storage_dtype is None:  # 16-bit weights: also the engine keeping no z (regen), and
+            # with prefetch + 1 block buffers on top (min-mem)
+            modes += [f"streamed p{self.args.prefetch[0]} {lean}" for lean in ("regen", "min-mem")]
         modes.append("in-GPU")
         return modes + (["MeZO ref"] if PRECISIONS[prec].storage_dtype is None else [])
 
@@ -139,9 +140,10 @@ class Bench:
                 engine, model = None, meta_model(size.cfg, prec.param_dtype)
                 fill_(model, self.device, torch.Generator(device=self.device).manual_seed(0))
             else:
-                prefetch = int(mode.removeprefix("streamed p").removesuffix(" min-mem")) if streamed else None
+                prefetch = int(mode.removeprefix("streamed p").split()[0]) if streamed else None
                 engine, model = build_engine(size, prec, self.device, prefetch,
-                                             least_memory=mode.endswith("min-mem"))
+                                             regenerate=mode.endswith(("regen", "min-mem")),
+                                             fewer_slots=mode.endswith("min-mem"))
         except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
             return self.skip(size, prec_name, mode, _status(e))
         build_s = time.perf_counter() - t
@@ -276,7 +278,8 @@ def _status(e: BaseException) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=None, help=f"comma list (default {','.join(SIZES)}; --smoke: 1.3b,2.7b)")
-    ap.add_argument("--precisions", default="bf16_storage,bf16_weights", help=f"comma list of {sorted(PRECISIONS)}")
+    ap.add_argument("--precisions", default="bf16_weights",
+                    help=f"comma list of {sorted(PRECISIONS)} (bf16_weights: ZO2's 16-bit setting)")
     ap.add_argument("--prefetch", default="1", help="comma list of streamed prefetch depths")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3; --smoke: 1)")

@@ -45,10 +45,10 @@ class Size:
 
 
 def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: int | None,
-                 least_memory: bool = False) -> tuple[ZOEngine, Any]:
+                 regenerate: bool = False, fewer_slots: bool = False) -> tuple[ZOEngine, Any]:
     """The model with ``ZOEngine`` attached: blocks streamed from host memory (``prefetch`` ahead) or, with
-    ``prefetch=None``, everything on ``device``; ``least_memory``: no z kept on the device and ``prefetch + 1``
-    block buffers (``regenerate_directions``, ``device_slots``)."""
+    ``prefetch=None``, everything on ``device``; ``regenerate``: no z kept on the device
+    (``regenerate_directions``); ``fewer_slots``: ``prefetch + 1`` block buffers (``device_slots``)."""
     streamed = prefetch is not None
     model = meta_model(size.cfg, prec.param_dtype)
     blocks = discover_blocks(model)
@@ -59,8 +59,8 @@ def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: in
     materialize = HostFill(blocks, prec.param_dtype, device) if streamed else (lambda b: fill_(b, device, gen))
     engine = ZOEngine(model, blocks, device, seed=0, offload=streamed, prefetch=prefetch or 0,
                       storage_dtype=prec.storage_dtype, force_copies=streamed and device.type == "cpu",
-                      materialize=materialize, regenerate_directions=least_memory,
-                      device_slots=(prefetch or 0) + 1 if least_memory else None)
+                      materialize=materialize, regenerate_directions=regenerate,
+                      device_slots=(prefetch or 0) + 1 if fewer_slots else None)
     engine.attach([list(model.parameters())])
     if streamed:
         materialize.release()  # every block is packed: the fill buffer is read no more
