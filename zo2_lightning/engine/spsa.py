@@ -183,9 +183,15 @@ class UnitSPSA:
         """``out = theta + scale * z`` with z drawn into ``out`` itself (no z buffer); the same bits as
         :meth:`perturb_one` with a stored z."""
         self.draw(unit, step, seed, out)
-        for seg, w, pc in zip(unit.segments, flats, out):
+        self._perturb_in_place(unit, flats, out, scale)
+
+    @staticmethod
+    def _perturb_in_place(unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], scale: float) -> None:
+        """``z <- theta + scale * z`` on the trainable head: :meth:`perturb_one`'s ops (multiply, then add), in the
+        z buffer itself, so the same bits."""
+        for seg, w, zz in zip(unit.segments, flats, z):
             n = seg.trainable_numel
-            pc[:n].mul_(scale).add_(w[:n])
+            zz[:n].mul_(scale).add_(w[:n])
 
     def perturb(
         self,
@@ -209,10 +215,8 @@ class UnitSPSA:
                 if z is None and s == +1:
                     continue
                 self.perturb_one(unit, flats, zd, s * eps, out[(d, s)])
-            if z is None:  # what perturb_one computes, in place: z * eps + theta
-                for seg, w, pc in zip(unit.segments, flats, zd):
-                    n = seg.trainable_numel
-                    pc[:n].mul_(eps).add_(w[:n])
+            if z is None:
+                self._perturb_in_place(unit, flats, zd, eps)
 
     def trial(
         self,
