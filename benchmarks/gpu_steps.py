@@ -70,7 +70,6 @@ def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: in
 def engine_step(engine: ZOEngine, model: Any, ids: torch.Tensor, prec: Precision) -> Callable[[int], float]:
     """One MeZO step through the engine (both forwards in lockstep, commit); returns L+. The loss is LMTask's:
     the LM head applied in chunks (zo2_lightning/tasks/head_loss.py), not over the full logits."""
-
     parts = split_head(model)  # the head only where the loss reads it, in chunks, as LMTask does
     chunk = chunk_positions(model.config.vocab_size, HEAD_CHUNK_MIB)
 
