@@ -158,3 +158,21 @@ def test_the_split_head_in_lockstep_equals_sequential_perturbed_forwards(arch):
     engine.detach()
     assert torch.equal(plus, expect[0]) and torch.equal(minus, expect[1])
     assert not torch.equal(plus, minus)
+
+
+def test_opt_with_a_projected_embedding_dim_is_split_where_its_logits_are():
+    """OPT-350m's shape: word_embed_proj_dim != hidden, so the decoder projects in and out around the blocks;
+    the head still reads the backbone's last hidden state."""
+    import transformers as tf
+
+    cfg = tf.OPTConfig(vocab_size=64, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2, ffn_dim=64,
+                       num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.OPTForCausalLM(cfg).eval()
+    assert model.model.decoder.project_out is not None
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    parts = split_head(model)
+    with torch.no_grad():
+        hidden = parts.backbone(input_ids=ids).last_hidden_state
+        assert torch.equal(parts.head(hidden), model(input_ids=ids).logits)
+        _close(lm_loss_at(hidden, parts.head, ids, 5), lm_loss(model(input_ids=ids).logits, ids))
