@@ -41,6 +41,20 @@ class TinyTask(ZOModule, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
 
 
+class TwoGroupTask(TinyTask):
+    """TinyTask with two param groups: the blocks (``"layers"``) at ``lr=1e-2``, the rest at ``lr=2e-3``, under
+    ``optimizer_cls`` (ZOSGD, ZOAdam, ...)."""
+
+    def __init__(self, arch: str, optimizer_cls: type) -> None:
+        super().__init__(arch)
+        self.optimizer_cls = optimizer_cls
+
+    def configure_optimizers(self) -> Any:
+        head = [p for n, p in self.named_parameters() if "layers" not in n]
+        body = [p for n, p in self.named_parameters() if "layers" in n]
+        return self.optimizer_cls([{"params": body}, {"params": head, "lr": 2e-3}], lr=1e-2, eps=self.eps)
+
+
 def loader(batches: list[dict]) -> DataLoader:
     return DataLoader(batches, batch_size=None, shuffle=False)
 

@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests import reference, tiny_models
-from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
+from tests.lit_helpers import SEED, TinyTask, TwoGroupTask, assert_params_equal, clone_model, loader, trainer
 from zo2_lightning import ZO2OffloadStrategy, ZOSGD, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
 from zo2_lightning.engine import draw_direction
 
@@ -79,13 +79,7 @@ def test_stateful_variants_equal_torch_optim_stepping_on_g_times_z(optimizer_cls
 def test_adam_with_param_groups_of_their_own_lr_equals_torch_adam():
     batches = tiny_models.batches("qwen2", 2)
 
-    class TwoGroups(TinyTask):
-        def configure_optimizers(self):
-            head = [p for n, p in self.named_parameters() if "layers" not in n]
-            body = [p for n, p in self.named_parameters() if "layers" in n]
-            return ZOAdam([{"params": body}, {"params": head, "lr": 2e-3}], lr=1e-2, eps=EPS)
-
-    task = TwoGroups("qwen2")
+    task = TwoGroupTask("qwen2", ZOAdam)
     expected = clone_model(task)
     trainer(max_steps=2).fit(task, loader(batches))
 

@@ -8,7 +8,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
 from tests import reference, tiny_models
-from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
+from tests.lit_helpers import SEED, TinyTask, TwoGroupTask, assert_params_equal, clone_model, loader, trainer
+from zo2_lightning import ZOSGD
 
 EPS = 1e-3
 
@@ -59,15 +60,7 @@ def test_frozen_parameters_are_neither_perturbed_nor_updated():
 def test_param_groups_with_their_own_learning_rates():
     batches = tiny_models.batches("qwen2", 2)
 
-    class TwoGroups(TinyTask):
-        def configure_optimizers(self):
-            from zo2_lightning import ZOSGD
-
-            head = [p for n, p in self.named_parameters() if "layers" not in n]
-            body = [p for n, p in self.named_parameters() if "layers" in n]
-            return ZOSGD([{"params": body}, {"params": head, "lr": 2e-3}], lr=1e-2, eps=EPS)
-
-    task = TwoGroups("qwen2")
+    task = TwoGroupTask("qwen2", ZOSGD)
     expected = clone_model(task)
     trainer(max_steps=2).fit(task, loader(batches))
     lr_of = {n: (1e-2 if "layers" in n else 2e-3) for n, _ in expected.named_parameters()}
