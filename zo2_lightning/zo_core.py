@@ -33,6 +33,8 @@ from zo2_lightning.checkpoint_io import AtomicCheckpointIO
 from zo2_lightning.engine import ZOEngine, direction_seed, projected_grad
 from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.engine.spsa import Commit
+from zo2_lightning.engine.streaming import device_slot_count
+from zo2_lightning.engine.zo import check_direction_buffers
 from zo2_lightning.optim import ZOSGD
 from zo2_lightning.refusals import (
     as_number,
@@ -111,15 +113,10 @@ class ZOStrategyCore:
         self.max_gpu_memory = max_gpu_memory
         self.keep_directions = bool(keep_directions)
         self.regenerate_directions = bool(regenerate_directions)
-        if device_slots is not None:
-            device_slots = as_number(int, "device_slots", device_slots)
-            if device_slots < prefetch + 1:
-                raise ValueError(f"device_slots={device_slots} cannot hold the block in use and {prefetch} prefetched"
-                                 f" ones: use at least prefetch + 1 = {prefetch + 1}, or None for prefetch + 2")
+        if device_slots is not None:  # checked here, at construction, as the engine will check it at setup
+            device_slots = device_slot_count(as_number(int, "device_slots", device_slots), prefetch)
         self.device_slots = device_slots
-        if self.keep_directions and self.regenerate_directions:
-            raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
-                             " each other: choose one")
+        check_direction_buffers(self.keep_directions, self.regenerate_directions)
         self.engine = None
         self._force_copies = False  # tests: exercise the transfer path on CPU
         self._resumed_state: dict[str, Any] | None = None

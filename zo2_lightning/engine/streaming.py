@@ -24,6 +24,21 @@ from zo2_lightning.engine.pinned import host_empty, serving
 from zo2_lightning.engine.units import Unit
 
 
+def device_slot_count(slots: int | None, prefetch: int) -> int:
+    """The device buffers for streamed blocks: ``slots``, or ``prefetch + 2`` for None (the block in use, the one
+    being written back, the prefetched ones).
+
+    Raises:
+        ValueError: ``slots`` below ``prefetch + 1`` (the block in use and the prefetched ones).
+    """
+    if slots is None:
+        return prefetch + 2
+    if int(slots) < prefetch + 1:
+        raise ValueError(f"device_slots={slots} cannot hold the block in use and {prefetch} prefetched ones: use at"
+                         f" least prefetch + 1 = {prefetch + 1}, or None for prefetch + 2")
+    return int(slots)
+
+
 @dataclass
 class _DeviceSlot:
     buffers: dict[torch.dtype, torch.Tensor]
@@ -91,10 +106,7 @@ class BlockStreamer:
         self.copies = (offload and device.type != "cpu") or force_copies or narrows or self.disk is not None
         self.pin = bool(pin_memory and offload and device.type == "cuda")
         self.prefetch_depth = max(0, int(prefetch))
-        self.n_slots = self.prefetch_depth + 2 if slots is None else int(slots)
-        if self.n_slots < self.prefetch_depth + 1:
-            raise ValueError(f"device_slots={slots} cannot hold the block in use and {self.prefetch_depth} prefetched"
-                             f" ones: use at least prefetch + 1 = {self.prefetch_depth + 1}")
+        self.n_slots = device_slot_count(slots, self.prefetch_depth)
         self.resident = set(range(min(max(0, int(resident)), len(self.units)))) if self.copies else set()
         self.host: list[list[torch.Tensor]] = []
         self._slots: list[_DeviceSlot] = []

@@ -36,6 +36,17 @@ from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
 
 
+def check_direction_buffers(keep_directions: bool, regenerate_directions: bool) -> None:
+    """Refuse asking both to keep each block's z until its update and to keep no z at all.
+
+    Raises:
+        ValueError: both are set.
+    """
+    if keep_directions and regenerate_directions:
+        raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
+                         " each other: choose one")
+
+
 @dataclass
 class _Acquired:
     flats: list[torch.Tensor]  # the block's working-device flats
@@ -110,9 +121,7 @@ class ZOEngine:
         regenerate_directions: bool = False,
         device_slots: int | None = None,
     ) -> None:
-        if keep_directions and regenerate_directions:
-            raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
-                             " each other: choose one")
+        check_direction_buffers(keep_directions, regenerate_directions)
         self._regenerate = bool(regenerate_directions)
         self.model = model
         self.blocks = list(blocks)
