@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import OPTConfig, OPTForCausalLM
 
 from tests import tiny_models
-from tests.lit_helpers import SEED, TinyTask
+from tests.lit_helpers import SEED, TinyTask, zo_strategy
 from zo2_lightning import ZO2OffloadStrategy, ZOSGD
 
 #: every tensor collective of torch.distributed; the object ones (broadcast_object_list, ...) call these
@@ -158,9 +158,7 @@ QUIET = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable
 
 def strategy(directions: str = "shared", seed: int = SEED, start_method: str = "fork",
              **kwargs: Any) -> ZO2OffloadStrategy:
-    s = ZO2OffloadStrategy(seed=seed, directions=directions, start_method=start_method, **kwargs)
-    s._force_copies = True  # the host<->device copy path, as on a GPU
-    return s
+    return zo_strategy(seed=seed, directions=directions, start_method=start_method, **kwargs)
 
 
 def fit_ranks(out_dir: Path, task: L.LightningModule, train_loader: DataLoader, devices: int = 2,

@@ -59,10 +59,16 @@ def loader(batches: list[dict]) -> DataLoader:
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
+def zo_strategy(force_copies: bool = True, seed: int = SEED, **kwargs: Any) -> ZO2OffloadStrategy:
+    """``ZO2OffloadStrategy(seed=seed, **kwargs)``; ``force_copies``: the host<->device copy path, as on a GPU."""
+    strategy = ZO2OffloadStrategy(seed=seed, **kwargs)
+    strategy._force_copies = force_copies
+    return strategy
+
+
 def trainer(force_copies: bool = True, seed: int = SEED, strategy: Any = None, **kwargs: Any) -> L.Trainer:
     if strategy is None:
-        strategy = ZO2OffloadStrategy(seed=seed)
-        strategy._force_copies = force_copies
+        strategy = zo_strategy(force_copies, seed)
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     defaults.update(kwargs)

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from tests import reference, tiny_models
-from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
+from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
 from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGD, ZOSGDCons
 from zo2_lightning.engine import ZOEngine, discover_blocks
 
@@ -14,9 +14,7 @@ EPS = 1e-3
 
 
 def _fit(task, batches, steps, **strategy_kwargs):
-    strategy = ZO2OffloadStrategy(seed=SEED, regenerate_directions=True, **strategy_kwargs)
-    strategy._force_copies = True
-    trainer(strategy=strategy, max_steps=steps).fit(task, loader(batches))
+    trainer(strategy=zo_strategy(regenerate_directions=True, **strategy_kwargs), max_steps=steps).fit(task, loader(batches))
 
 
 @pytest.mark.parametrize("q,one_sided", [(1, False), (2, False), (2, True)], ids=["mezo", "q2", "q2-one-sided"])
@@ -46,9 +44,7 @@ def test_regenerated_directions_equal_the_default_path_for_cons_and_adam(optimiz
     regenerated = Task("opt")
     default = Task("opt", model=clone_model(regenerated))
     _fit(regenerated, batches, 4, micro_batches=2)
-    strategy = ZO2OffloadStrategy(seed=SEED, micro_batches=2)
-    strategy._force_copies = True
-    trainer(strategy=strategy, max_steps=4).fit(default, loader(batches))
+    trainer(strategy=zo_strategy(micro_batches=2), max_steps=4).fit(default, loader(batches))
     assert_params_equal(regenerated.model, default.model)
 
 
@@ -111,9 +107,7 @@ def test_prefetch_plus_one_device_slots_train_exactly_as_the_default(prefetch):
             slots.append(len(trainer.strategy.engine.streamer._slots))
 
     for task, kwargs in ((lean, {"device_slots": prefetch + 1, "regenerate_directions": True}), (default, {})):
-        strategy = ZO2OffloadStrategy(seed=SEED, prefetch=prefetch, **kwargs)
-        strategy._force_copies = True
-        trainer(strategy=strategy, max_steps=3, callbacks=[Slots()]).fit(task, loader(batches))
+        trainer(strategy=zo_strategy(prefetch=prefetch, **kwargs), max_steps=3, callbacks=[Slots()]).fit(task, loader(batches))
     assert slots[0] == prefetch + 1 and slots[-1] == prefetch + 2
     assert_params_equal(lean.model, default.model, initial)
 

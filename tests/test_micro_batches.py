@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from tests import reference, tiny_models
-from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
-from zo2_lightning import ZO2OffloadStrategy, ZOSGD, ZOSGDCons
+from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
+from zo2_lightning import ZOSGD, ZOSGDCons
 from zo2_lightning.batches import split_batch
 
 EPS = 1e-3
@@ -42,8 +42,7 @@ class UploadCounter(Callback):
 
 def _fit(task, batches, micro_batches=1, **kwargs):
     counter = UploadCounter()
-    strategy = ZO2OffloadStrategy(seed=SEED, micro_batches=micro_batches, prefetch=0)  # 2 slots < 3 blocks
-    strategy._force_copies = True
+    strategy = zo_strategy(micro_batches=micro_batches, prefetch=0)  # 2 slots < 3 blocks
     trainer(strategy=strategy, callbacks=[counter], **kwargs).fit(task, loader(batches))
     return counter.per_step
 

@@ -5,13 +5,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests import tiny_models
-from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer
+from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
 from zo2_lightning import ZO2OffloadStrategy
 
 
 def _fit(task, batches, max_steps, ckpt_path=None, callbacks=(), **strategy_kwargs):
-    strategy = ZO2OffloadStrategy(seed=SEED, **strategy_kwargs)
-    strategy._force_copies = True
+    strategy = zo_strategy(**strategy_kwargs)
     trainer(strategy=strategy, max_steps=max_steps, enable_checkpointing=bool(callbacks),
             callbacks=list(callbacks)).fit(task, loader(batches), ckpt_path=ckpt_path)
     return strategy
@@ -78,9 +77,7 @@ def test_bf16_true_weights_update_in_fp32_with_stochastic_rounding_as_specified(
     task = TinyTask("llama", lr=5e-3, weight_decay=0.01)
     task.model.to(torch.bfloat16)
     expected, initial = clone_model(task), clone_model(task)
-    strategy = ZO2OffloadStrategy(seed=SEED)
-    strategy._force_copies = True
-    trainer(strategy=strategy, max_steps=3, plugins=[HalfPrecision("bf16-true")]).fit(task, loader(batches))
+    trainer(max_steps=3, plugins=[HalfPrecision("bf16-true")]).fit(task, loader(batches))
     assert all(p.dtype == torch.bfloat16 for p in task.model.parameters())
     reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=1e-3, lr=5e-3, weight_decay=0.01)
     assert_params_equal(task.model, expected, initial)
