@@ -24,7 +24,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from tests import tiny_models
 from tests.lit_helpers import SEED, TinyTask, zo_strategy
-from zo2_lightning import ZO2OffloadStrategy, ZOSGD
+from zo2_lightning import ZO2OffloadStrategy
 
 #: every tensor collective of torch.distributed; the object ones (broadcast_object_list, ...) call these
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
@@ -101,19 +101,12 @@ class RankRecorder(L.Callback):
 
 
 class QTask(TinyTask):
-    """TinyTask with ZOSGD(q=...) (or another ZO optimizer class) and a causal-LM loss in the model's dtype (HF's own upcasts to float32 only)."""
-
-    def __init__(self, *args: Any, q: int = 1, optimizer: type[ZOSGD] = ZOSGD, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.q, self.optimizer_cls = q, optimizer
+    """TinyTask (``q=...``, ``optimizer=ZOAdam``, ... as there) with a causal-LM loss in the model's dtype (HF's
+    own upcasts to float32 only)."""
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"]).logits  # (B, T, V)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
-
-    def configure_optimizers(self) -> Any:
-        q = {"q": self.q} if self.q != 1 else {}
-        return self.optimizer_cls(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, **q)
 
 
 #: the equivalence fits: eps large enough that the float32 rounding of the losses (see tests/test_distributed.py)

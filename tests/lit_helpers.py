@@ -16,12 +16,17 @@ SEED = 1234
 
 
 class TinyTask(ZOModule, L.LightningModule):
+    """A tiny HF model's LM loss, trained by ``optimizer(params, lr=, eps=, weight_decay=, **optimizer_kwargs)``
+    (ZOSGD by default; ``q=2``, ``one_sided=True``, ``momentum=0.9``, ... go to the optimizer)."""
+
     def __init__(self, arch: str = "opt", lr: float = 1e-3, eps: float = 1e-3, weight_decay: float = 0.0,
-                 scheduler: Any = None, model: torch.nn.Module | None = None) -> None:
+                 scheduler: Any = None, model: torch.nn.Module | None = None, optimizer: type[ZOSGD] = ZOSGD,
+                 **optimizer_kwargs: Any) -> None:
         super().__init__()
         self.model = model if model is not None else tiny_models.build(arch)[0]
         self.model.train()  # as a user's model would be; the strategy turns dropout off for the ZO forwards
         self.lr, self.eps, self.weight_decay, self.scheduler = lr, eps, weight_decay, scheduler
+        self.optimizer_cls, self.optimizer_kwargs = optimizer, optimizer_kwargs
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = tiny_models.loss(self.model, batch)
@@ -35,7 +40,8 @@ class TinyTask(ZOModule, L.LightningModule):
         return tiny_models.logits(self.model, batch)
 
     def configure_optimizers(self) -> Any:
-        opt = ZOSGD(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        opt = self.optimizer_cls(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                                 **self.optimizer_kwargs)
         if self.scheduler is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
@@ -46,8 +52,7 @@ class TwoGroupTask(TinyTask):
     ``optimizer_cls`` (ZOSGD, ZOAdam, ...)."""
 
     def __init__(self, arch: str, optimizer_cls: type) -> None:
-        super().__init__(arch)
-        self.optimizer_cls = optimizer_cls
+        super().__init__(arch, optimizer=optimizer_cls)
 
     def configure_optimizers(self) -> Any:
         head = [p for n, p in self.named_parameters() if "layers" not in n]

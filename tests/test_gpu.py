@@ -91,13 +91,9 @@ def test_adam_state_kept_on_the_host_equals_state_kept_on_the_device():
     from tests.lit_helpers import clone_model
     from zo2_lightning import ZO2OffloadStrategy, ZOAdam
 
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return ZOAdam(self.parameters(), lr=1e-3, eps=EPS)
-
     batches = tiny_models.batches("llama", 3)
-    streamed = Task("llama")
-    resident = Task("llama", model=clone_model(streamed))
+    streamed = TinyTask("llama", lr=1e-3, eps=EPS, optimizer=ZOAdam)
+    resident = TinyTask("llama", lr=1e-3, eps=EPS, optimizer=ZOAdam, model=clone_model(streamed))
     for task, offload in ((streamed, "cpu"), (resident, None)):
         strategy = ZO2OffloadStrategy(seed=SEED, offload_device=offload)
         trainer(strategy=strategy, accelerator="gpu", max_steps=3).fit(task, loader(batches))

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback
 
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
-from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGD, ZOSGDCons
+from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGDCons
 from zo2_lightning.engine import ZOEngine, discover_blocks
 
 EPS = 1e-3
@@ -21,11 +21,7 @@ def _fit(task, batches, steps, **strategy_kwargs):
 def test_regenerated_directions_train_exactly_as_the_reference(q, one_sided):
     batches = tiny_models.batches("llama", 3)
 
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return ZOSGD(self.parameters(), lr=5e-3, eps=EPS, weight_decay=0.01, q=q, one_sided=one_sided)
-
-    task = Task("llama")
+    task = TinyTask("llama", lr=5e-3, eps=EPS, weight_decay=0.01, q=q, one_sided=one_sided)
     expected, initial = clone_model(task), clone_model(task)
     _fit(task, batches, 3)
     reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3, weight_decay=0.01,
@@ -37,12 +33,8 @@ def test_regenerated_directions_train_exactly_as_the_reference(q, one_sided):
 def test_regenerated_directions_equal_the_default_path_for_cons_and_adam(optimizer):
     batches = tiny_models.batches("opt", 4, batch_size=4)
 
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return optimizer(self.parameters(), lr=5e-3, eps=EPS)
-
-    regenerated = Task("opt")
-    default = Task("opt", model=clone_model(regenerated))
+    regenerated = TinyTask("opt", lr=5e-3, eps=EPS, optimizer=optimizer)
+    default = TinyTask("opt", lr=5e-3, eps=EPS, optimizer=optimizer, model=clone_model(regenerated))
     _fit(regenerated, batches, 4, micro_batches=2)
     trainer(strategy=zo_strategy(micro_batches=2), max_steps=4).fit(default, loader(batches))
     assert_params_equal(regenerated.model, default.model)

@@ -55,11 +55,10 @@ def _halves(batches):
 def test_micro_batches_equal_accumulation_over_the_same_chunks_with_one_upload_per_step(optimizer, q):
     batches = tiny_models.batches("llama", 3, batch_size=4)
 
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return optimizer(self.parameters(), lr=5e-3, eps=EPS, **({"q": q} if q > 1 else {}))
+    def task(model=None):
+        return TinyTask("llama", lr=5e-3, eps=EPS, optimizer=optimizer, model=model, q=q)
 
-    split = Task("llama")
+    split = task()
     expected, initial = clone_model(split), clone_model(split)
     uploads = _fit(split, batches, micro_batches=2, max_steps=3)
     choices: list[int] = []
@@ -67,7 +66,7 @@ def test_micro_batches_equal_accumulation_over_the_same_chunks_with_one_upload_p
                              micro_batches=2, q=q, conservative=optimizer is ZOSGDCons, choices=choices)
     assert_params_equal(split.model, expected, initial)
     if optimizer is ZOSGD and q == 1:  # the same chunks through accumulate_grad_batches: twice the uploads
-        accumulated = Task("llama", model=clone_model(TinyTask(model=initial)))
+        accumulated = task(model=clone_model(TinyTask(model=initial)))
         acc_uploads = _fit(accumulated, _halves(batches), accumulate_grad_batches=2, max_steps=3)
         assert_params_equal(accumulated.model, expected)
         # per optimizer step (the callback fires per loader batch: every half with accumulation)

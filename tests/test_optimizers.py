@@ -13,11 +13,7 @@ EPS = 1e-3
 
 
 def _task(optimizer_cls, **opt_kwargs):
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return optimizer_cls(self.parameters(), lr=5e-3, eps=EPS, **opt_kwargs)
-
-    return Task("llama")
+    return TinyTask("llama", lr=5e-3, eps=EPS, optimizer=optimizer_cls, **opt_kwargs)
 
 
 @pytest.mark.parametrize(
@@ -153,11 +149,7 @@ def test_conservative_steps_equal_the_plain_torch_rule_and_take_every_branch():
     """Cons keeps the best of (step, none, reversed) on the batch; a large lr makes all three happen."""
     batches = tiny_models.batches("llama", 8)
 
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return ZOSGDCons(self.parameters(), lr=LR_CONS, eps=EPS, weight_decay=0.01)
-
-    task = Task("llama")
+    task = TinyTask("llama", lr=LR_CONS, eps=EPS, weight_decay=0.01, optimizer=ZOSGDCons)
     expected = clone_model(task)
     trainer(max_steps=8).fit(task, loader(batches))
     choices: list[int] = []

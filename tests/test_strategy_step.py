@@ -159,13 +159,7 @@ def test_non_finite_loss_skips_the_update_and_warns():
 def test_q_directions_average_q_two_point_estimates():
     batches = tiny_models.batches("llama", 2)
 
-    class Q3(TinyTask):
-        def configure_optimizers(self):
-            from zo2_lightning import ZOSGD
-
-            return ZOSGD(self.parameters(), lr=5e-3, eps=EPS, q=3)
-
-    task = Q3("llama")
+    task = TinyTask("llama", lr=5e-3, eps=EPS, q=3)
     expected, initial = clone_model(task), clone_model(task)
     trainer(max_steps=2).fit(task, loader(batches))
     history = reference.mezo_reference(expected, batches, tiny_models.loss, seed=SEED, eps=EPS, lr=5e-3, q=3)

@@ -108,10 +108,6 @@ def test_adam_state_of_bf16_weights_is_fp32():
 
     from zo2_lightning import ZOAdam
 
-    class Task(TinyTask):
-        def configure_optimizers(self):
-            return ZOAdam(self.parameters(), lr=1e-3, eps=1e-3)
-
     dtypes = set()
 
     class Record(Callback):
@@ -119,7 +115,7 @@ def test_adam_state_of_bf16_weights_is_fp32():
             state = trainer.strategy.engine.spsa.state.buffers
             dtypes.update(b.dtype for segs in state.values() for bufs in segs for b in bufs)
 
-    task = Task("opt")
+    task = TinyTask("opt", lr=1e-3, eps=1e-3, optimizer=ZOAdam)
     trainer(max_steps=2, plugins=[HalfPrecision("bf16-true")], callbacks=[Record()]).fit(
         task, loader(tiny_models.batches("opt", 2)))
     assert dtypes == {torch.float32}
