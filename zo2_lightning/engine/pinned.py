@@ -2,6 +2,7 @@
 
 ``with serving(device): flat = host_empty(numel, dtype, pin=True)``: a CPU tensor whose pages are locked, so copies
 to and from ``device`` run asynchronously at the link's full rate. ``pin=False`` is a plain ``torch.empty``.
+``flat_empty(numel, dtype, device, pin)`` picks: ``host_empty`` on the CPU, ``torch.empty`` on another device.
 
 Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator (``CachingHostAllocator``) rounds every
 allocation up to the next power of two. An OPT-13B block in bf16 (629 MB) then pins 1 GiB, 1.7x its bytes, and
@@ -104,6 +105,14 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tenso
     done = weakref.finalize(storage, _unregister, ptr, locked, _driver.device())
     done.atexit = False  # at exit the CUDA context may already be gone; the OS unlocks the pages anyway
     return flat
+
+
+def flat_empty(numel: int, dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """An uninitialised 1-D tensor on ``device``: :func:`host_empty` on the CPU (page-locked when ``pin``), a plain
+    ``torch.empty`` elsewhere."""
+    if device.type == "cpu":
+        return host_empty(numel, dtype, pin)
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 def serving(device: torch.device) -> contextlib.AbstractContextManager:

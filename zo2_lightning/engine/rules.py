@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from zo2_lightning.engine.perturb import sgd_update_
-from zo2_lightning.engine.pinned import host_zeros
+from zo2_lightning.engine.pinned import flat_empty
 
 
 class UpdateRule:
@@ -38,9 +38,7 @@ class UpdateRule:
 
     def new_state(self, numel: int, dtype: torch.dtype, device: torch.device, pin: bool = False) -> list[torch.Tensor]:
         """Zeroed state buffers for a run of ``numel`` parameters (one per name in ``state_names``)."""
-        if device.type == "cpu":
-            return [host_zeros(numel, dtype, pin) for _ in self.state_names]
-        return [torch.zeros(numel, dtype=dtype, device=device) for _ in self.state_names]
+        return [flat_empty(numel, dtype, device, pin).zero_() for _ in self.state_names]
 
     def apply_(
         self,

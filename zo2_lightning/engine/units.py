@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zo2_lightning.engine.pinned import host_empty
+from zo2_lightning.engine.pinned import flat_empty
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Unit:
         """Copy the parameters' current values into new flat buffers on ``device`` (cast to ``dtype`` if given)."""
         flats = []
         for seg in self.segments:
-            flat = _empty(seg.numel, dtype or seg.dtype, device, pin)
+            flat = flat_empty(seg.numel, dtype or seg.dtype, device, pin)  # host: pinned at its exact size
             for slot in seg.slots:
                 slot.view(flat).copy_(slot.param.data)
             flats.append(flat)
@@ -132,9 +132,3 @@ class Unit:
         return [
             slot.view(flat) for seg, flat in zip(self.segments, flats) for slot in seg.slots[: seg.trainable_slots]
         ]
-
-
-def _empty(numel: int, dtype: torch.dtype, device: torch.device, pin: bool) -> torch.Tensor:
-    if device.type == "cpu":
-        return host_empty(numel, dtype, pin)  # pinned at exactly its size (see .pinned)
-    return torch.empty(numel, dtype=dtype, device=device)
