@@ -82,8 +82,7 @@ class LMTask(ZOModule, L.LightningModule):
         """The model's logits for a batch (only ``input_ids`` and ``attention_mask`` are passed; a decoder is
         told not to build a KV cache, which a scoring forward never reads and which every lockstep run would
         otherwise hold until the step ends)."""
-        extra = {"use_cache": False} if _takes_use_cache(self.model) else {}
-        return self.model(**{k: batch[k] for k in _MODEL_INPUTS}, **extra).logits
+        return _forward(self.model, batch).logits
 
     def loss(self, batch: dict) -> torch.Tensor:
         """The training loss of a batch: LM loss, or cross-entropy over candidate / label-word scores."""
@@ -95,8 +94,7 @@ class LMTask(ZOModule, L.LightningModule):
         return None if self.head_chunk_mib is None else split_head(self.model)
 
     def _hidden(self, parts: HeadParts, batch: dict) -> torch.Tensor:
-        extra = {"use_cache": False} if _takes_use_cache(parts.backbone) else {}
-        return parts.backbone(**{k: batch[k] for k in _MODEL_INPUTS}, **extra).last_hidden_state
+        return _forward(parts.backbone, batch).last_hidden_state
 
     def _lm_loss(self, batch: dict) -> torch.Tensor:
         parts = self._head_parts()
@@ -185,5 +183,8 @@ class LMTask(ZOModule, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _takes_use_cache(model: nn.Module) -> bool:
-    return "use_cache" in inspect.signature(model.forward).parameters
+def _forward(model: nn.Module, batch: dict) -> Any:
+    """``model`` on the batch's ``input_ids`` and ``attention_mask``, asking for no KV cache where it takes
+    ``use_cache`` (see :meth:`LMTask.logits`)."""
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    return model(**{k: batch[k] for k in _MODEL_INPUTS}, **extra)
