@@ -55,7 +55,8 @@ class ZO2OffloadStrategy(ZOStrategyCore, DDPStrategy):
     Per optimizer step the LightningModule's ``training_step`` runs twice, at theta + eps*z and theta - eps*z,
     in lockstep block by block (each block is uploaded once and both forwards use it); the projected gradient
     ``g = (L+ - L-) / (2 eps)`` drives ``theta <- theta - lr * (g * z + wd * theta)`` (or the rule of the ZO
-    optimizer used: momentum, Adam, ...), applied to each block when it next arrives. z is regenerated from ``(seed, global_step, block, tensor)``, never stored.
+    optimizer used: momentum, Adam, ...), applied to each block when it next arrives. z is regenerated from
+    ``(seed, global_step, block, tensor)``, never stored.
 
     With ``devices * num_nodes > 1`` every rank keeps its own host copy and streams to its own device; rank 0's
     weights and seed are broadcast once at setup, and after that a step exchanges only the measured losses
