@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ VARIANTS = {  # name -> (overrides, forwards per step)
 
 def run_one(name: str, steps: int) -> dict:
     """In this process: train one variant; its metrics, wall time, optimizer-state bytes and peak RSS."""
+    from zo2_lightning.callbacks import peak_host_rss_bytes
     from zo2_lightning.config import compose
     from zo2_lightning.engine import zo
     from zo2_lightning.train import train
@@ -59,7 +59,7 @@ def run_one(name: str, steps: int) -> dict:
         t0 = time.perf_counter()
         metrics, _ = train(cfg)
         seconds = time.perf_counter() - t0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak_rss = peak_host_rss_bytes()
     keys = ("train/loss_start", "train/loss_end", "val/loss")
     return {"metrics": {k: float(metrics[k]) for k in keys if k in metrics}, "seconds": seconds,
             "peak_rss": peak_rss, **seen}
