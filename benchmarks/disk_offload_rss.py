@@ -33,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
-    from zo2_lightning.engine import ZOEngine, discover_blocks
+    from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
     cfg = OPTConfig(vocab_size=8192, hidden_size=args.hidden, num_hidden_layers=args.layers,
                     ffn_dim=4 * args.hidden, num_attention_heads=max(1, args.hidden // 64),
@@ -58,7 +58,8 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(0, 8192, (1, args.seq), generator=gen)
     batch = {"input_ids": ids, "labels": ids}
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
-        engine = ZOEngine(model, blocks, torch.device("cpu"), seed=0, prefetch=0, offload_dir=root,
+        options = EngineOptions(offload_device="disk", offload_dir=root, prefetch=0)
+        engine = ZOEngine(model, blocks, torch.device("cpu"), options, seed=0,
                           materialize=lambda block: [fill(p) for p in block.parameters()])
         t0 = time.perf_counter()
         engine.attach([list(model.parameters())])

@@ -17,7 +17,7 @@ import torch
 from transformers import OPTConfig
 
 from gpu_helpers import HostFill, Precision, block_numels, fill_, meta_model, opt_config
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 from zo2_lightning.tasks.head_loss import chunk_positions, lm_loss_at, split_head
 
 EPS, LR = 1e-3, 1e-6
@@ -57,10 +57,11 @@ def build_engine(size: Size, prec: Precision, device: torch.device, prefetch: in
     # streamed blocks are packed into host memory, so they are filled there, from one warm buffer; in-GPU ones
     # are filled where they stay
     materialize = HostFill(blocks, prec.param_dtype, device) if streamed else (lambda b: fill_(b, device, gen))
-    engine = ZOEngine(model, blocks, device, seed=0, offload=streamed, prefetch=prefetch or 0,
-                      storage_dtype=prec.storage_dtype, force_copies=streamed and device.type == "cpu",
-                      materialize=materialize, regenerate_directions=regenerate,
-                      device_slots=(prefetch or 0) + 1 if fewer_slots else None)
+    options = EngineOptions(offload_device="cpu" if streamed else None, prefetch=prefetch or 0,
+                            storage_dtype=prec.storage_dtype, force_copies=streamed and device.type == "cpu",
+                            regenerate_directions=regenerate,
+                            device_slots=(prefetch or 0) + 1 if fewer_slots else None)
+    engine = ZOEngine(model, blocks, device, options, seed=0, materialize=materialize)
     engine.attach([list(model.parameters())])
     if streamed:
         materialize.release()  # every block is packed: the fill buffer is read no more

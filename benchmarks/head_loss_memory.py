@@ -40,7 +40,7 @@ def child(args: argparse.Namespace) -> None:
     import transformers as tf
 
     from zo2_lightning.engine import ZOEngine, discover_blocks
-    from zo2_lightning.lit_lm import LMTask
+    from zo2_lightning.tasks.lm_task import LMTask
 
     torch.manual_seed(0)
     vocab = MODELS[args.model]

@@ -22,7 +22,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from results import report  # benchmarks/results.py (scripts run from this folder)
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
 
 
@@ -51,8 +51,8 @@ def train(storage: str, steps: int, lr: float, eps: float, batch: dict) -> tuple
     if weights16:
         model.to(torch.bfloat16)  # the blocks' values are bf16-representable already: the same starting point
     dtype = None if storage == "fp32" or weights16 else torch.bfloat16
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=7, storage_dtype=dtype,
-                      stochastic_rounding=not storage.endswith("nearest"))
+    options = EngineOptions(storage_dtype=dtype, stochastic_rounding=not storage.endswith("nearest"))
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=7)
     # only the streamed blocks are trained: the resident part (embeddings, head, final norm) is always fp32,
     # so training it too would hide what block storage does
     engine.attach([[p for b in discover_blocks(model) for p in b.parameters()]])

@@ -66,9 +66,7 @@ def loader(batches: list[dict]) -> DataLoader:
 
 def zo_strategy(force_copies: bool = True, seed: int = SEED, **kwargs: Any) -> ZO2OffloadStrategy:
     """``ZO2OffloadStrategy(seed=seed, **kwargs)``; ``force_copies``: the host<->device copy path, as on a GPU."""
-    strategy = ZO2OffloadStrategy(seed=seed, **kwargs)
-    strategy._force_copies = force_copies
-    return strategy
+    return ZO2OffloadStrategy(seed=seed, force_copies=force_copies, **kwargs)
 
 
 def trainer(force_copies: bool = True, seed: int = SEED, strategy: Any = None, **kwargs: Any) -> L.Trainer:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import zo2_lightning
 from zo2_lightning.config import compose, find_conf_dir, instantiate_each
-from zo2_lightning.lit_lm import LMTask
+from zo2_lightning.tasks.lm_task import LMTask
 from zo2_lightning.models import byte_tokenizer
 from zo2_lightning.policies import PrecisionPolicy
 from zo2_lightning.tasks import PromptDataModule, SyntheticDataModule, TextFileDataModule
@@ -110,11 +110,11 @@ def test_precision_policies(option):
     policy = instantiate(cfg_for(f"precision={option}").precision)
     assert isinstance(policy, PrecisionPolicy) and policy.trainer_precision in ("32-true", "bf16-mixed", "bf16-true")
     strategy_cls = zo2_lightning.ZO2OffloadStrategy
-    kwargs = policy.strategy_kwargs(strategy_cls)
+    kwargs = policy.strategy_kwargs()
     assert ("storage_dtype" in kwargs) == (policy.storage_dtype is not None)
     assert all(isinstance(v, torch.dtype) for v in kwargs.values())
     strategy = strategy_cls(**kwargs)  # the strategy takes what the policy gives it
-    assert strategy.storage_dtype == kwargs.get("storage_dtype")
+    assert strategy.engine_options.storage_dtype == kwargs.get("storage_dtype")
 
 
 def test_unsupported_trainer_precision_is_refused():

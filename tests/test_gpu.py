@@ -8,7 +8,7 @@ import torch
 
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, loader, trainer
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
 pytestmark = pytest.mark.gpu
 EPS = 1e-3
@@ -35,7 +35,7 @@ def test_streamed_cuda_forward_equals_the_resident_cuda_forward(arch, register_a
     with torch.no_grad():
         expected = tiny_models.logits(model.to("cuda"), batch)
     model.cpu()
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), prefetch=2)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), EngineOptions(prefetch=2))
     engine.attach()
     host = [f for flats in engine.streamer.host for f in flats]
     assert all(f.is_pinned() for f in host)
@@ -56,7 +56,8 @@ def test_streamed_cuda_forward_equals_the_resident_cuda_forward(arch, register_a
 def test_cuda_lockstep_equals_sequential_perturbed_forwards(resident_blocks):
     model, batch = tiny_models.build("llama")
     index = reference.seed_index(model)
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), seed=SEED, resident_blocks=resident_blocks)
+    options = EngineOptions(resident_blocks=resident_blocks)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cuda"), options, seed=SEED)
     engine.attach([list(model.parameters())])
     cuda_batch = _to(batch, "cuda")
     with torch.no_grad():

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
 from zo2_lightning import ZO2OffloadStrategy, ZOAdam, ZOSGDCons
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
 EPS = 1e-3
 
@@ -42,26 +42,29 @@ def test_regenerated_directions_equal_the_default_path_for_cons_and_adam(optimiz
 
 def test_regenerated_directions_keep_one_block_buffer_and_one_resident_copy():
     model, batch = tiny_models.build("llama")
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, regenerate_directions=True)
+    options = EngineOptions(regenerate_directions=True)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=SEED)
     engine.attach([list(model.parameters())])
     with torch.no_grad():
         engine.run_directions(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS, seeds=[1, 2, 3])
         engine.commit(0, 0.5, [1e-3], [0.0])
-    names, resident_copies = set(engine.spsa._scratch), len(engine.res.copies)
+    memory = engine.device_bytes()
     engine.detach()
-    assert names == {"P"} and resident_copies == 0  # the resident's one copy is its z buffer
+    names = {name for name in memory if name.startswith("scratch/")}
+    assert names == {"scratch/P"} and memory["resident/copies"] == 0  # the resident's one copy is its z buffer
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["default", "keep_directions"])
 def test_resident_scratch_is_the_runs_copies_and_a_z_only_where_kept(keep):
     """Default: 2q resident copies and no z buffer (z is drawn into each +eps copy, and again for the commit,
     into a copy the runs are done with). keep_directions: a z buffer too, which saves that second draw."""
+    from zo2_lightning.engine import RESIDENT_UNIT
     from zo2_lightning.engine import spsa as spsa_mod
 
     model, batch = tiny_models.build("opt")  # tied head: the resident unit is large
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, keep_directions=keep)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(keep_directions=keep),
+                      seed=SEED)
     engine.attach([list(model.parameters())])
-    res_numel = sum(w.numel() for w in engine.res.w)
     drawn = []
     real = spsa_mod.UnitSPSA.draw
     spsa_mod.UnitSPSA.draw = lambda self, unit, *a: (drawn.append(unit.index), real(self, unit, *a))[1]
@@ -71,13 +74,12 @@ def test_resident_scratch_is_the_runs_copies_and_a_z_only_where_kept(keep):
             engine.commit(0, 0.5, [1e-3], [0.0], seed=2)
     finally:
         spsa_mod.UnitSPSA.draw = real
-    res = engine.res
-    buffers = [*res.copies.values(), *([res.z] if res.z is not None else [])]
-    scratch = sum(t.numel() for bufs in buffers for t in bufs)
+    memory = engine.device_bytes()
     engine.detach()
-    assert len(res.copies) == 4  # (d, s) for q = 2
-    assert scratch == (5 if keep else 4) * res_numel
-    assert drawn.count(res.unit.index) == (2 if keep else 3)  # a draw per direction, + the commit's
+    resident = memory["resident/params"]
+    assert memory["resident/copies"] == 4 * resident  # (d, s) for q = 2
+    assert memory["resident/copies"] + memory["resident/z"] == (5 if keep else 4) * resident
+    assert drawn.count(RESIDENT_UNIT) == (2 if keep else 3)  # a draw per direction, + the commit's
 
 
 def test_keep_and_regenerate_exclude_each_other():
@@ -96,7 +98,7 @@ def test_prefetch_plus_one_device_slots_train_exactly_as_the_default(prefetch):
 
     class Slots(Callback):
         def on_train_batch_end(self, trainer, *args):
-            slots.append(len(trainer.strategy.engine.streamer._slots))
+            slots.append(trainer.strategy.engine.streamer.slot_count)
 
     for task, kwargs in ((lean, {"device_slots": prefetch + 1, "regenerate_directions": True}), (default, {})):
         trainer(strategy=zo_strategy(prefetch=prefetch, **kwargs), max_steps=3, callbacks=[Slots()]).fit(task, loader(batches))

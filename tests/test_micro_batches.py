@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
 from zo2_lightning import ZOSGD, ZOSGDCons
-from zo2_lightning.batches import split_batch
+from zo2_lightning.strategy.batches import split_batch
 
 EPS = 1e-3
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests import reference, tiny_models
 from tests.lit_helpers import SEED, TinyTask, TwoGroupTask, assert_params_equal, clone_model, loader, trainer
@@ -160,6 +160,27 @@ def test_conservative_steps_equal_the_plain_torch_rule_and_take_every_branch():
 
 
 LR_CONS = 0.05  # large enough that some steps overshoot (-1 or 0), small enough that some help (+1)
+
+
+def test_conservative_steps_log_each_metric_once_from_the_plus_eps_run():
+    """The trial forwards (step, none, reversed) must not log: each step's train_loss is the +eps run's L+."""
+    logged: list[float] = []
+
+    class Recording(TinyTask):
+        def log(self, name, value, *args, **kwargs):
+            if name == "train_loss":
+                logged.append(float(value))
+            super().log(name, value, *args, **kwargs)
+
+    loss_plus: list[float] = []
+
+    class LossPlus(Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            loss_plus.append(float(trainer.callback_metrics["zo/loss_plus"]))
+
+    task = Recording("llama", lr=LR_CONS, eps=EPS, optimizer=ZOSGDCons)
+    trainer(max_steps=3, callbacks=[LossPlus()]).fit(task, loader(tiny_models.batches("llama", 3)))
+    assert len(loss_plus) == 3 and logged == loss_plus
 
 
 def test_conservative_step_refuses_gradient_accumulation():

@@ -16,7 +16,7 @@ from tests.lit_helpers import (
     loader,
     trainer,
 )
-from zo2_lightning.checkpoint_io import (
+from zo2_lightning.strategy.checkpoint_io import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
     UnsafeCheckpointError,

@@ -40,8 +40,7 @@ def test_any_arguments_and_batch_shape_match_the_reference_or_are_refused(
             assert "must be >= 0" in str(err)
             return
         raise AssertionError(f"{kwargs} was accepted")
-    strategy = ZO2OffloadStrategy(**kwargs)
-    strategy._force_copies = force_copies
+    strategy = ZO2OffloadStrategy(force_copies=force_copies, **kwargs)
     batches = [tiny_models.build(ARCH, seed=s, batch_size=batch_size, seq_len=seq_len)[1] for s in range(STEPS)]
     task = TinyTask(ARCH, lr=LR, eps=EPS)
     expected = clone_model(task)

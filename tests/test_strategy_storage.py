@@ -84,14 +84,15 @@ def test_bf16_true_weights_update_in_fp32_with_stochastic_rounding_as_specified(
 
 
 def test_stochastic_rounding_keeps_updates_far_below_a_bf16_ulp_that_rounding_to_nearest_loses():
-    from zo2_lightning.engine import ZOEngine, discover_blocks
+    from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
     changed = {}
     for sr in (True, False):
         model, batch = tiny_models.build("opt")
         model.to(torch.bfloat16)
         before = [p.detach().clone() for p in model.parameters()]
-        engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, stochastic_rounding=sr)
+        options = EngineOptions(stochastic_rounding=sr)
+        engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=SEED)
         engine.attach([list(model.parameters())])
         with torch.no_grad():
             for step in range(3):
@@ -112,7 +113,7 @@ def test_adam_state_of_bf16_weights_is_fp32():
 
     class Record(Callback):
         def on_train_end(self, trainer, module):
-            state = trainer.strategy.engine.spsa.state.buffers
+            state = trainer.strategy.engine.rule_state()["buffers"]
             dtypes.update(b.dtype for segs in state.values() for bufs in segs for b in bufs)
 
     task = TinyTask("opt", lr=1e-3, eps=1e-3, optimizer=ZOAdam)

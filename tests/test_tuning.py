@@ -12,9 +12,9 @@ from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, 
 from tests.run_helpers import compose_run
 from zo2_lightning.engine import RESIDENT_UNIT, discover_blocks
 from zo2_lightning.eval import evaluate
-from zo2_lightning.lora_layers import LoRALinear
+from zo2_lightning.peft.lora import LoRALinear
 from zo2_lightning.train import train
-from zo2_lightning.tuning import PREFIX_FAMILIES, merge_lora, tuning
+from zo2_lightning.peft.tuning import PREFIX_FAMILIES, merge_lora, tuning
 
 EPS = 1e-3
 

@@ -14,11 +14,12 @@ from typing import Any
 
 from zo2_lightning._registration import register as _register
 from zo2_lightning.module import ZOModule
-from zo2_lightning.optim import ZOSGD, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
+from zo2_lightning.optim import ZOSGD, ZOAdam, ZOOptimizer, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
 
 _register()
 
-__all__ = ["ZO2OffloadStrategy", "ZOModule", "ZOSGD", "ZOAdam", "ZOSGDCons", "ZOSGDMomentum", "ZOSGDSign"]
+__all__ = ["ZO2OffloadStrategy", "ZOModule", "ZOOptimizer", "ZOSGD", "ZOAdam", "ZOSGDCons", "ZOSGDMomentum",
+           "ZOSGDSign"]
 __version__ = "0.1.0"
 
 

@@ -2,8 +2,8 @@
 
 ``import zo2_lightning`` calls :func:`register`: if ``lightning.pytorch`` is already loaded the names go into
 its ``StrategyRegistry`` now, otherwise the first import of ``lightning.pytorch.strategies`` does it. Either
-way ``import zo2_lightning.engine`` stays torch-only (STYLE.md: engine <- strategy <- entry point), and the
-registry entries build the strategy lazily, importing :mod:`zo2_lightning.strategy` only when a Trainer asks.
+way ``import zo2_lightning.engine`` stays torch-only (docs/architecture.md, "Layers"), and the registry entries
+build the strategy lazily, importing :mod:`zo2_lightning.strategy` only when a Trainer asks.
 """
 
 from __future__ import annotations

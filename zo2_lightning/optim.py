@@ -9,7 +9,8 @@ def configure_optimizers(self):
 The strategy reads ``lr`` and ``weight_decay`` (and ``momentum`` / ``betas``) from the param groups at every
 step, so LR schedulers, ``LearningRateMonitor`` and checkpointed optimizer state work as for any torch optimizer.
 The update itself runs inside the ``zo2_offload`` strategy's streaming engine, with the rule of
-:mod:`zo2_lightning.engine.rules` the optimizer names; ``step`` outside it is an error.
+:mod:`zo2_lightning.engine.rules` the optimizer names: the strategy's ``optimizer_step`` lets ``step`` run the
+closure (the paired forwards) and then commits the update; ``step`` outside the strategy is an error.
 
 The family (ZO-Bench, arXiv 2402.11592), with the host memory each keeps beyond the model:
 
@@ -29,7 +30,9 @@ optimizer                     update                                      extra 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -37,16 +40,29 @@ import torch
 from zo2_lightning.engine.rules import AdamRule, MomentumRule, UpdateRule
 from zo2_lightning.engine.seeds import DISTRIBUTIONS
 
+_INSIDE_STRATEGY: contextvars.ContextVar[bool] = contextvars.ContextVar("zo2_inside_strategy", default=False)
 
-class ZOSGD(torch.optim.Optimizer):
-    """MeZO-SGD: ``theta <- theta - lr * (g * z + weight_decay * theta)`` with the SPSA estimate ``g``.
+
+@contextlib.contextmanager
+def strategy_step() -> Iterator[None]:
+    """Marks the ``optimizer.step`` the zo2 strategy itself drives (its ``optimizer_step``); only there may a ZO
+    optimizer's :meth:`ZOOptimizer.step` run."""
+    token = _INSIDE_STRATEGY.set(True)
+    try:
+        yield
+    finally:
+        _INSIDE_STRATEGY.reset(token)
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """The hyperparameters of a zeroth-order step, common to every ZO optimizer (subclasses name the rule).
 
     Args:
         params: parameters (or param groups) to fine-tune; parameters with ``requires_grad=False`` are neither
             perturbed nor updated.
-        lr: learning rate (MeZO uses 1e-7 .. 1e-6 for OPT-13B full fine-tuning).
+        lr: learning rate.
         eps: perturbation scale of the two-point estimate; must be the same in every param group.
-        weight_decay: decoupled L2 coefficient as in MeZO.
+        weight_decay: L2 coefficient, added to the estimated gradient (``g * z + weight_decay * theta``) as in MeZO.
         q: directions per step (q-SPSA): the update averages q two-point estimates, each along its own z,
             for 2q forwards per step. q=1 is MeZO.
         direction: distribution of z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1, as in ZO-Bench).
@@ -71,19 +87,19 @@ class ZOSGD(torch.optim.Optimizer):
         one_sided: bool = False,
         _rule_defaults: dict[str, Any] | None = None,
     ) -> None:
-        _check_hparams(lr, eps, weight_decay)
+        owner = type(self).__name__
+        _check_hparams(owner, lr, eps, weight_decay)
         if int(q) != q or q < 1:
-            raise ValueError(f"ZOSGD q (directions per step) must be an integer >= 1, got {q}")
+            raise ValueError(f"{owner} q (directions per step) must be an integer >= 1, got {q}")
         if direction not in DISTRIBUTIONS:
-            raise ValueError(f"ZOSGD direction={direction!r}: use one of {DISTRIBUTIONS}")
+            raise ValueError(f"{owner} direction={direction!r}: use one of {DISTRIBUTIONS}")
         self.q = int(q)
         self.direction = direction
         self.one_sided = bool(one_sided)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **(_rule_defaults or {})))
         eps_values = {group["eps"] for group in self.param_groups}
         if len(eps_values) > 1:
-            raise ValueError(f"ZOSGD needs one eps for all param groups, got {sorted(eps_values)}")
-        self._zo_step: Callable[[Callable[[], Any]], Any] | None = None
+            raise ValueError(f"{type(self).__name__} needs one eps for all param groups, got {sorted(eps_values)}")
 
     @property
     def eps(self) -> float:
@@ -94,7 +110,7 @@ class ZOSGD(torch.optim.Optimizer):
         lrs = [float(g["lr"]) for g in self.param_groups]
         wds = [float(g["weight_decay"]) for g in self.param_groups]
         for lr, wd in zip(lrs, wds):
-            _check_hparams(lr, self.eps, wd)
+            _check_hparams(type(self).__name__, lr, self.eps, wd)
         return lrs, wds
 
     def transform_grad(self, g: float) -> float:
@@ -117,13 +133,25 @@ class ZOSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` (the paired training step) and the ZO update, through the strategy that drives us."""
-        if self._zo_step is None or closure is None:
+        """Run ``closure`` (Lightning's: the paired training step); the strategy commits the update afterwards.
+
+        Raises:
+            RuntimeError: called outside the zo2 strategy's ``optimizer_step``, or without a closure.
+        """
+        if not _INSIDE_STRATEGY.get() or closure is None:
             raise RuntimeError(
-                "ZOSGD.step() runs inside the zo2_offload strategy, which evaluates the loss at +eps and -eps:"
-                " use `Trainer(strategy='zo2_offload')` and return ZOSGD from `configure_optimizers`."
+                f"{type(self).__name__}.step() runs inside the zo2_offload strategy, which evaluates the loss at +eps"
+                " and -eps: use `Trainer(strategy='zo2_offload')` and return the optimizer from"
+                " `configure_optimizers`."
             )
-        return self._zo_step(closure)
+        return closure()
+
+
+class ZOSGD(ZOOptimizer):
+    """MeZO-SGD: ``theta <- theta - lr * (g * z + weight_decay * theta)`` with the SPSA estimate ``g``.
+
+    Arguments as :class:`ZOOptimizer`; MeZO uses ``lr`` 1e-7 .. 1e-6 for OPT-13B full fine-tuning.
+    """
 
 
 class ZOSGDSign(ZOSGD):
@@ -147,7 +175,7 @@ class ZOSGDCons(ZOSGD):
     conservative = True
 
 
-class ZOSGDMomentum(ZOSGD):
+class ZOSGDMomentum(ZOOptimizer):
     """ZO-SGD-MMT (ZO-Bench): heavy-ball momentum on the ZO estimate, as ``torch.optim.SGD(momentum=...)`` stepping
     with ``grad = g * z``: ``buf <- momentum * buf + grad + weight_decay * theta; theta <- theta - lr * buf``.
 
@@ -156,7 +184,7 @@ class ZOSGDMomentum(ZOSGD):
 
     Args:
         momentum: the buffer's decay, in ``[0, 1)``; a param-group key (schedulers such as OneCycleLR cycle it).
-        others: as :class:`ZOSGD`.
+        others: as :class:`ZOOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -173,7 +201,7 @@ class ZOSGDMomentum(ZOSGD):
         return (float(self._same_in_all_groups("momentum")),)
 
 
-class ZOAdam(ZOSGD):
+class ZOAdam(ZOOptimizer):
     """ZO-Adam (ZO-Bench): Adam on the ZO estimate, as ``torch.optim.Adam`` stepping with ``grad = g * z`` (L2
     ``weight_decay`` added to the gradient; bias-corrected moments counted in updates, skipped steps not counted).
 
@@ -183,7 +211,7 @@ class ZOAdam(ZOSGD):
     Args:
         betas: the moments' decays, each in ``[0, 1)``; a param-group key.
         adam_eps: Adam's denominator term (``eps`` is the perturbation scale).
-        others: as :class:`ZOSGD`; ZO-Bench tunes ZO-Adam's lr around 1e-5 .. 1e-4 on OPT.
+        others: as :class:`ZOOptimizer`; ZO-Bench tunes ZO-Adam's lr around 1e-5 .. 1e-4 on OPT.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -205,7 +233,7 @@ class ZOAdam(ZOSGD):
         return (float(beta1), float(beta2), float(self._same_in_all_groups("adam_eps")))
 
 
-def _stateless_q(opt: ZOSGD, q: Any) -> None:
+def _stateless_q(opt: ZOOptimizer, q: Any) -> None:
     if q != 1:
         raise ValueError(
             f"{type(opt).__name__} supports q=1 only: its state would need the q directions' estimates combined"
@@ -217,15 +245,15 @@ def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _check_hparams(lr: float, eps: float, weight_decay: float) -> None:
+def _check_hparams(owner: str, lr: float, eps: float, weight_decay: float) -> None:
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(
-                f"ZOSGD {name} must be a number, got {value!r} (on the command line: optimizer.{name}=1e-6)"
+                f"{owner} {name} must be a number, got {value!r} (on the command line: optimizer.{name}=1e-6)"
             )
     if not lr >= 0.0:
-        raise ValueError(f"ZOSGD lr must be >= 0, got {lr}; MeZO uses 1e-7 .. 1e-6")
+        raise ValueError(f"{owner} lr must be >= 0, got {lr}; MeZO uses 1e-7 .. 1e-6")
     if not eps > 0.0:
-        raise ValueError(f"ZOSGD eps must be > 0, got {eps}; MeZO uses eps=1e-3")
+        raise ValueError(f"{owner} eps must be > 0, got {eps}; MeZO uses eps=1e-3")
     if not weight_decay >= 0.0:
-        raise ValueError(f"ZOSGD weight_decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"{owner} weight_decay must be >= 0, got {weight_decay}")

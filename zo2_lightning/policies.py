@@ -8,7 +8,6 @@ device in their storage dtype and are widened there, so storage and transfer dty
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,22 +42,6 @@ class PrecisionPolicy:
                 f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32, bf16-mixed or bf16_true)."
             )
 
-    def strategy_kwargs(self, strategy_cls: type | None = None) -> dict[str, Any]:
-        """The storage keyword argument (as ``torch.dtype``) to pass to the strategy, if set.
-
-        Args:
-            strategy_cls: when given, check that it accepts them.
-
-        Raises:
-            TypeError: if ``strategy_cls`` does not take a dtype this policy sets.
-        """
-        kwargs = {"storage_dtype": getattr(torch, self.storage_dtype)} if self.storage_dtype is not None else {}
-        if strategy_cls is not None and kwargs:
-            accepted = inspect.signature(strategy_cls).parameters
-            missing = [k for k in kwargs if k not in accepted]
-            if missing:
-                raise TypeError(
-                    f"{strategy_cls.__name__} does not take {missing} yet: this precision policy needs an offload"
-                    " engine with 16-bit storage; use precision=fp32 or precision=bf16-mixed meanwhile."
-                )
-        return kwargs
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The storage keyword argument (as ``torch.dtype``) to pass to the strategy, if set."""
+        return {"storage_dtype": getattr(torch, self.storage_dtype)} if self.storage_dtype is not None else {}

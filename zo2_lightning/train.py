@@ -17,7 +17,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as L
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import zo2_lightning  # noqa: F401  (registers the strategy names)
@@ -27,7 +27,7 @@ from zo2_lightning.config import CONF_DIR, accepts, check_types, instantiate_eac
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate everything a run needs from a composed config.
 
-    The ``tuning`` config (:func:`zo2_lightning.tuning.tuning`) prepares the model in place before the
+    The ``tuning`` config (:func:`zo2_lightning.peft.tuning.tuning`) prepares the model in place before the
     LightningModule is built, so the optimizer is handed only the parameters it leaves trainable.
 
     Args:
@@ -52,7 +52,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         cfg.module, model=bundle.model, tokenizer=bundle.tokenizer, optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler, _convert_="all",
     )
-    strategy = instantiate(cfg.offload, **precision.strategy_kwargs(get_object(cfg.offload._target_)))
+    strategy = instantiate(cfg.offload, **precision.strategy_kwargs())
     callbacks = instantiate_each(cfg.get("callbacks"))
     loggers = instantiate_each(cfg.get("logger"))
     for logger in loggers:

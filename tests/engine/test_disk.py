@@ -5,15 +5,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests import tiny_models
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 from zo2_lightning.engine import disk as disk_mod
 
 
 def _train(steps, tmp_path=None, storage=None, flush_every=3, arch="llama", **kw):
     model, batch = tiny_models.build(arch)
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=9, prefetch=0,
-                      storage_dtype=storage, offload_dir=None if tmp_path is None else str(tmp_path),
-                      disk_flush_every=flush_every, **kw)
+    options = EngineOptions(prefetch=0, storage_dtype=storage, offload_device="cpu" if tmp_path is None else "disk",
+                            offload_dir=None if tmp_path is None else str(tmp_path), disk_flush_every=flush_every, **kw)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=9)
     engine.attach([list(model.parameters())])
     for step in range(steps):
         with torch.no_grad():
@@ -80,7 +80,8 @@ def test_a_crash_while_writing_leaves_the_previous_file(tmp_path, monkeypatch):
 def test_not_enough_disk_is_refused_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     model, batch = tiny_models.build("opt")
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), offload_dir=str(tmp_path))
+    options = EngineOptions(offload_device="disk", offload_dir=str(tmp_path))
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options)
     with pytest.raises(disk_mod.DiskSpaceError, match="point offload_dir at a larger drive"):
         engine.attach()
     assert not list(tmp_path.glob("*.safetensors"))
@@ -112,8 +113,8 @@ def test_blocks_on_the_meta_device_are_materialized_one_at_a_time(tmp_path):
         for p in block.parameters():
             fill(p)
 
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), offload_dir=str(tmp_path),
-                      materialize=materialize)
+    options = EngineOptions(offload_device="disk", offload_dir=str(tmp_path))
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, materialize=materialize)
     engine.attach()
     # parked: shape-only placeholders (one element, stride 0), nothing model-sized in memory
     assert all(p.untyped_storage().nbytes() <= 8 for b in discover_blocks(model) for p in b.parameters())

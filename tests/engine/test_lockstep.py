@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests import reference, tiny_models
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
 EPS = 1e-3
 SEED = 11
@@ -19,7 +19,8 @@ def test_lockstep_equals_sequential_perturbed_forwards(arch, force_copies):
     expect_plus = reference.perturbed_loss(model, batch, tiny_models.loss, z, EPS)
     expect_minus = reference.perturbed_loss(model, batch, tiny_models.loss, z, -EPS)
 
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, force_copies=force_copies)
+    options = EngineOptions(force_copies=force_copies)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=SEED)
     engine.attach([list(model.parameters())])
     with torch.no_grad():
         plus, minus = engine.run_pair(lambda sign: tiny_models.loss(model, batch), step=3, eps=EPS)
@@ -33,11 +34,11 @@ def test_lockstep_equals_sequential_perturbed_forwards(arch, force_copies):
 def test_each_block_is_prepared_once_per_step_and_runs_alternate():
     model, batch = tiny_models.build("llama")
     blocks = discover_blocks(model)
-    engine = ZOEngine(model, blocks, torch.device("cpu"), seed=0, force_copies=True)
+    engine = ZOEngine(model, blocks, torch.device("cpu"), EngineOptions(force_copies=True), seed=0)
     engine.attach([list(model.parameters())])
     order = []
     for i, b in enumerate(blocks):
-        b.register_forward_pre_hook(lambda m, a, i=i: order.append((i, engine.sign)))
+        b.register_forward_pre_hook(lambda m, a, i=i: order.append((i, engine.run_key.sign)))
     with torch.no_grad():
         engine.run_pair(lambda s: tiny_models.loss(model, batch), step=0, eps=EPS)
     # each block: exactly two forwards (one per sign), both before the next block starts
@@ -49,7 +50,7 @@ def test_each_block_is_prepared_once_per_step_and_runs_alternate():
 
 def test_q_directions_share_one_upload_and_equal_separate_pairs():
     model, batch = tiny_models.build("qwen2")
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, force_copies=True)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(force_copies=True), seed=SEED)
     engine.attach([list(model.parameters())])
     seeds = [SEED, 77, 78]
     with torch.no_grad():
@@ -76,7 +77,8 @@ def test_kept_directions_give_the_same_bits_with_one_draw_less_per_step(monkeypa
 
         monkeypatch.setattr(spsa_mod, "draw_direction", counting)
         model, batch = tiny_models.build("opt")
-        engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, keep_directions=keep)
+        options = EngineOptions(keep_directions=keep)
+        engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=SEED)
         engine.attach([list(model.parameters())])
         for step in range(3):
             with torch.no_grad():
@@ -84,7 +86,7 @@ def test_kept_directions_give_the_same_bits_with_one_draw_less_per_step(monkeypa
             if step != 1:  # step 1 is skipped, as after a non-finite loss: its kept z must be dropped
                 engine.commit(step, (lp.item() - lm.item()) / (2 * EPS), [1e-2], [0.0])
         engine.flush()
-        assert not engine.spsa._kept
+        assert engine.device_bytes()["kept_directions"] == 0
         results.append({n: p.clone() for n, p in model.named_parameters()})
         draws.append(counter["n"])
         engine.detach()
@@ -122,11 +124,11 @@ def test_a_block_needs_one_perturbed_copy_and_one_z_per_direction(q):
     """The runs take turns at a block, so one perturbed copy serves them all (rebuilt per run, same values):
     block scratch is q z buffers + 1 copy, not 1 z + 2q copies."""
     model, batch = tiny_models.build("llama")
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, force_copies=True)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(force_copies=True), seed=SEED)
     engine.attach([list(model.parameters())])
     seeds = [SEED + k for k in range(q)]
     with torch.no_grad():
         engine.run_directions(lambda key: tiny_models.loss(model, batch), step=0, eps=EPS, seeds=seeds)
-    names = set(engine.spsa._scratch)
+    names = {name for name in engine.device_bytes() if name.startswith("scratch/")}
     engine.detach()
-    assert names == {"z", "P", *[("z", d) for d in range(1, q)]}
+    assert names == {"scratch/z", "scratch/P", *[f"scratch/z{d}" for d in range(1, q)]}

@@ -142,7 +142,7 @@ def test_block_host_copies_and_rule_state_are_registered_at_their_exact_sizes(dr
 def test_the_engine_leaves_nothing_registered_after_detach(driver, monkeypatch):
     """The streamer's host copies (forced to pin on this CPU-only machine) are registered while attached and all
     unregistered once detach() has given the parameters their own storage back."""
-    from zo2_lightning.engine import ZOEngine
+    from zo2_lightning.engine import EngineOptions, ZOEngine
     from zo2_lightning.engine.streaming import BlockStreamer
 
     offload = BlockStreamer.offload
@@ -155,7 +155,7 @@ def test_the_engine_leaves_nothing_registered_after_detach(driver, monkeypatch):
     model, batch = tiny_models.build("llama")
     with torch.no_grad():
         expected = tiny_models.logits(model, batch)
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), force_copies=True)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(force_copies=True))
     engine.attach()
     host = [f for flats in engine.streamer.host for f in flats]
     assert sorted(driver.registered) == sorted(f.data_ptr() for f in host)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests import tiny_models
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 from zo2_lightning.engine.residency import blocks_that_fit
 
 
@@ -14,10 +14,11 @@ def test_blocks_that_fit_fills_the_room_under_the_budget():
     assert blocks_that_fit(budget_bytes=10**9, peak_bytes=0, block_bytes=200, blocks=10) == 10
 
 
-def _train(resident_blocks, steps=3, **kw):
+def _train(resident_blocks, steps=3, max_gpu_memory=None, memory_probe=None):
     model, batch = tiny_models.build("llama")
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=5, force_copies=True,
-                      resident_blocks=resident_blocks, prefetch=0, **kw)  # 2 slots: streamed blocks do not stay
+    options = EngineOptions(force_copies=True, resident_blocks=resident_blocks, prefetch=0,  # 2 slots: streamed
+                            max_gpu_memory=max_gpu_memory)  # blocks do not stay
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=5, memory_probe=memory_probe)
     engine.attach([list(model.parameters())])
     uploads = []
     for step in range(steps):
@@ -46,7 +47,7 @@ def test_auto_residency_promotes_what_the_budget_allows_after_the_first_step():
     block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in discover_blocks(model))
     peak = 10_000
     streamed, _, _ = _train(0)
-    auto, uploads, resident = _train("auto", max_device_memory=peak + 2 * block_bytes + 1, memory_probe=lambda: peak)
+    auto, uploads, resident = _train("auto", max_gpu_memory=peak + 2 * block_bytes + 1, memory_probe=lambda: peak)
     assert resident == [0, 1]
     assert uploads[0] > uploads[1]  # step 0 streamed every block, later steps only the third
     for (n, p), (_, q) in zip(streamed.named_parameters(), auto.named_parameters()):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests import tiny_models
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 from zo2_lightning.engine.rounding import stochastic_round
 
 
@@ -20,7 +20,8 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values(dtype
 
 
 def _engine(model, dtype, **kw):
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=3, storage_dtype=dtype, **kw)
+    options = EngineOptions(storage_dtype=dtype, **kw)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=3)
     engine.attach([list(model.parameters())])
     return engine
 

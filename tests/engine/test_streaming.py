@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests import tiny_models
-from zo2_lightning.engine import ZOEngine, discover_blocks
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
 
 
 @pytest.mark.parametrize("force_copies", [False, True], ids=["in-place", "copied"])
@@ -14,7 +14,7 @@ def test_streamed_eval_forward_equals_stock(arch, force_copies):
     with torch.no_grad():
         expected = tiny_models.logits(model, batch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), force_copies=force_copies)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(force_copies=force_copies))
     engine.attach()
     with torch.no_grad():
         streamed = tiny_models.logits(model, batch)
@@ -29,7 +29,7 @@ def test_streamed_eval_forward_equals_stock(arch, force_copies):
 def test_detach_restores_hooks_devices_and_own_storage(tmp_path):
     model, batch = tiny_models.build("opt")
     blocks = discover_blocks(model)
-    engine = ZOEngine(model, blocks, torch.device("cpu"), force_copies=True)
+    engine = ZOEngine(model, blocks, torch.device("cpu"), EngineOptions(force_copies=True))
     engine.attach([list(model.parameters())])
     assert all(len(b._forward_pre_hooks) == 1 for b in blocks)
     # while attached, block parameters are views of one flat host buffer per block
@@ -48,7 +48,7 @@ def test_blocks_called_out_of_order_still_stream():
     model, batch = tiny_models.build("t5")
     with torch.no_grad():
         expected = model.generate(batch["input_ids"], max_new_tokens=4, do_sample=False)
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), force_copies=True)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(force_copies=True))
     engine.attach()
     with torch.no_grad():  # generation re-enters the decoder blocks once per new token
         got = model.generate(batch["input_ids"], max_new_tokens=4, do_sample=False)

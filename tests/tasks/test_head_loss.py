@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests import reference, tiny_models
-from zo2_lightning.engine import ZOEngine, discover_blocks
-from zo2_lightning.lit_lm import LMTask
+from zo2_lightning.engine import EngineOptions, ZOEngine, discover_blocks
+from zo2_lightning.tasks.lm_task import LMTask
 from zo2_lightning.tasks.collate import IGNORE
 from zo2_lightning.tasks.head_loss import (
     PLAIN_HEAD_FAMILIES,
@@ -151,7 +151,7 @@ def test_the_split_head_in_lockstep_equals_sequential_perturbed_forwards(arch):
                 p.copy_(p + sign * EPS * z[name])
             expect.append(LMTask(clone, head_chunk_mib=1e-3).loss(batch))
     task = LMTask(model, head_chunk_mib=1e-3)
-    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), seed=SEED, force_copies=True)
+    engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), EngineOptions(force_copies=True), seed=SEED)
     engine.attach([list(model.parameters())])
     with torch.no_grad():
         plus, minus = engine.run_pair(lambda key: task.loss(batch), step=3, eps=EPS)

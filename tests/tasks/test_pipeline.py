@@ -18,7 +18,7 @@ from tests.run_helpers import (
     plain_logprob,
     word_tokenizer,
 )
-from zo2_lightning.lit_lm import LMTask
+from zo2_lightning.tasks.lm_task import LMTask
 from zo2_lightning.models import byte_tokenizer
 from zo2_lightning.tasks import TASKS, PromptDataModule
 from zo2_lightning.tasks.loading import read_records

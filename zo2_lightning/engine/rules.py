@@ -1,7 +1,7 @@
 """Update rules: what one commit does to a flat run of parameters, given z and the projected gradient g.
 
 ```python
-rule = AdamRule()                                   # or SGDRule(), MomentumRule()
+rule = AdamRule()                                   # or UpdateRule() (MeZO-SGD), MomentumRule()
 state = rule.new_state(numel, dtype, device)        # per tensor run: [] / [buf] / [exp_avg, exp_avg_sq]
 rule.apply_(theta, z, state, g, lr, wd, hyper=(0.9, 0.999, 1e-8), t=1)
 ```
@@ -54,8 +54,6 @@ class UpdateRule:
         sgd_update_(theta, z, g, lr, weight_decay)
 
 
-SGDRule = UpdateRule
-
 
 class MomentumRule(UpdateRule):
     """ZO-SGD-MMT, as ``torch.optim.SGD(momentum=beta)``: ``buf <- beta * buf + grad; theta <- theta - lr * buf``.
@@ -102,5 +100,3 @@ class AdamRule(UpdateRule):
         denom.div_(bias_correction2_sqrt).add_(adam_eps)
         theta.addcdiv_(exp_avg, denom, value=-step_size)
 
-
-RULES: dict[str, type[UpdateRule]] = {r.name: r for r in (UpdateRule, MomentumRule, AdamRule)}

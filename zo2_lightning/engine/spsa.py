@@ -1,13 +1,15 @@
 """SPSA on units: directions drawn per tensor, perturbed copies, and commits applied to flat buffers.
 
-``spsa = UnitSPSA(device, group_of, storage_dtype=None, rule=AdamRule())``; ``spsa.size_for(units)``;
-``spsa.reserve(keys)``; ``zs = spsa.directions_of(unit, step, seeds)``, then per run
+``spsa = UnitSPSA(device, group_of, options, rule=AdamRule())``; ``spsa.size_for(units)``;
+``spsa.reserve(perturbations)``; ``zs = spsa.directions_of(unit, step, seeds)``, then per run
 ``spsa.perturb_one(unit, flats, zs[d], s * eps, spsa.views("P", unit))``; ``spsa.catch_up(unit, flats, commits)``;
 ``spsa.trial(unit, flats, commits, out)``; ``spsa.perturb(unit, flats, step, eps, seeds, out)`` (all copies at once)
 
 A block's scratch is one z per direction and one perturbed copy ``"P"``, rebuilt for each run as it takes its
 turn at the block (same values every time, so the runs stay bitwise what they were); a conservative trial
-adds a second copy ``"P2"``.
+adds a second copy ``"P2"``. With ``regenerate_directions`` there is no z: each run's copy is drawn afresh into
+``"P"`` (:meth:`UnitSPSA.regenerate_into`), which also serves as the catch-up scratch. With ``keep_directions``
+each block's z waits in its own buffer from the perturbation to the block's deferred update.
 
 The engine decides *when* (block arrivals, flushes) and *where* (device slots); this module does the
 arithmetic on one unit at a time with the formulas of :mod:`.perturb` and the update rule of :mod:`.rules`,
@@ -18,10 +20,12 @@ largest block. A stateful rule's buffers (momentum, Adam moments) are kept by :m
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
 
 import torch
 
+from zo2_lightning.engine.keys import Perturbation
+from zo2_lightning.engine.ledger import Commit
+from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.perturb import perturb_into
 from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
 from zo2_lightning.engine.rules import UpdateRule
@@ -37,41 +41,10 @@ HALF_CHUNK = 1 << 22
 HALF_TAG = 1 << 41
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-RunKey = tuple[int, int]  # (direction, sign); sign 0: the unperturbed run of a one-sided estimate or a trial
-
-
-@dataclasses.dataclass(frozen=True)
-class Commit:
-    """The update of one step along one direction, applied to each block when it next arrives."""
-
-    step: int
-    g: float
-    lrs: tuple[float, ...]  # per optimizer param group
-    weight_decays: tuple[float, ...]
-    seed: int  # the run seed z was drawn with (see seeds.direction_seed)
-    hyper: tuple[float, ...] = ()  # the update rule's coefficients at this step (momentum, Adam betas and eps)
-    t: int = 0  # 1-based count of the update among the run's commits (Adam's bias correction); set by commit
-
-    def reversed(self) -> Commit:
-        """The step taken backwards (``-lr``): the opposite candidate of a conservative step."""
-        return dataclasses.replace(self, lrs=tuple(-lr for lr in self.lrs))
-
 
 def z_name(d: int) -> object:
     """The scratch name of direction ``d``'s z ("z", which catch-up also draws into before the perturbation)."""
     return "z" if d == 0 else ("z", d)
-
-
-def run_keys(q: int, one_sided: bool = False) -> list[RunKey]:
-    """(direction, sign) of the runs of a step: 2q perturbed runs, direction 0's +eps run first; one-sided: the
-    q runs at +eps and one unperturbed run ``(0, 0)`` that all directions share."""
-    if one_sided:
-        return [(d, +1) for d in range(q)] + [(0, 0)]
-    return [(d, s) for d in range(q) for s in (+1, -1)]
-
-
-#: the runs of a conservative step's trial: the step taken, no step, the step reversed
-TRIAL_KEYS: list[RunKey] = [(0, +1), (0, 0), (0, -1)]
 
 
 class UnitSPSA:
@@ -80,45 +53,39 @@ class UnitSPSA:
     Args:
         device: the working device (z is drawn there).
         group_of: ``id(param) -> optimizer param group`` for every trainable parameter.
-        storage_dtype: narrower host dtype of the blocks; updated values are rounded to it at once.
-        stochastic_rounding: seeded stochastic rounding (True) or round-to-nearest (False, comparison only).
-        keep_directions: keep each block's z from its perturbation until its deferred update instead of drawing
-            it again: one draw per parameter per step saved, one extra copy of the trainable parameters held.
-        distribution: of z, ``"gaussian"`` (MeZO) or ``"rademacher"`` (see :func:`.seeds.draw_direction`).
+        options: the engine's options; this class reads ``storage_dtype`` (updated values are rounded to it at
+            once), ``stochastic_rounding``, ``keep_directions``, ``regenerate_directions``, and where the rule's
+            buffers of the blocks live (host memory when blocks are offloaded, pinned for a CUDA device; the
+            resident unit's always on ``device``).
         rule: the update rule (default MeZO-SGD); a stateful one keeps its buffers per unit.
-        state_device: where the rule's buffers of the blocks live (``None``: ``device``); the resident unit's
-            always live on ``device``. Host buffers are pinned when ``device`` is CUDA.
-        regenerate: keep no z for a block: each run's perturbed copy is drawn afresh into ``"P"`` (:meth:`regenerate_into`),
-            which also serves as the catch-up scratch; one block-sized buffer in all, for q more draws per block.
+        distribution: of z, ``"gaussian"`` (MeZO) or ``"rademacher"`` (see :func:`.seeds.draw_direction`).
     """
 
-    def __init__(
-        self,
-        device: torch.device,
-        group_of: dict[int, int],
-        storage_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = True,
-        keep_directions: bool = False,
-        distribution: str = "gaussian",
-        rule: UpdateRule | None = None,
-        state_device: torch.device | None = None,
-        regenerate: bool = False,
-    ) -> None:
+    def __init__(self, device: torch.device, group_of: dict[int, int], options: EngineOptions,
+                 rule: UpdateRule | None = None, distribution: str = "gaussian") -> None:
         self.device = device
-        self.regenerate = regenerate
-        self._catch_up_scratch = "P" if regenerate else "z"
+        self.regenerate = options.regenerate_directions
+        self._catch_up_scratch = "P" if self.regenerate else "z"
         self.distribution = distribution
-        self.keep_directions = keep_directions
+        self.keep_directions = options.keep_directions
         self._kept: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (unit, step, seed) -> z
         self._spare: list[list[torch.Tensor]] = []  # kept-z buffers given back by updates, reused
         self.group_of = group_of
-        self.storage_dtype = storage_dtype
-        self._round = stochastic_round if stochastic_rounding else round_to_nearest
+        self.storage_dtype = options.storage_dtype
+        self._round = stochastic_round if options.stochastic_rounding else round_to_nearest
         self.rule = rule if rule is not None else UpdateRule()
-        self.state = RuleState(self.rule, device, state_device)
+        self.state = RuleState(self.rule, device, torch.device("cpu") if options.offload else device)
         self.generator = torch.Generator(device=device)
         self._sizes: dict[torch.dtype, int] = {}
         self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # z_name(d), "P", "P2" -> per dtype
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes of scratch on the working device, by name (``"scratch/P"``, ``"scratch/z"``, ``"scratch/z1"``...),
+        and of directions kept for their deferred update (``"kept_directions"``)."""
+        out = {f"scratch/{_label(name)}": sum(b.numel() * b.element_size() for b in bufs.values())
+               for name, bufs in self._scratch.items()}
+        out["kept_directions"] = sum(b.numel() * b.element_size() for bufs in self._kept.values() for b in bufs)
+        return out
 
     # ------------------------------------------------------------------ scratch
     def size_for(self, units: Sequence[Unit]) -> None:
@@ -127,10 +94,10 @@ class UnitSPSA:
             for seg in unit.segments:
                 self._sizes[seg.dtype] = max(self._sizes.get(seg.dtype, 0), seg.trainable_numel)
 
-    def reserve(self, keys: Sequence[RunKey], copies: int = 1) -> None:
-        """Scratch for a z per direction of ``keys`` and ``copies`` perturbed copies (allocated once; a no-op
-        after)."""
-        directions = sorted({d for d, s in keys if s != 0} | {0})
+    def reserve(self, perturbations: Sequence[Perturbation], copies: int = 1) -> None:
+        """Scratch for a z per direction of ``perturbations`` and ``copies`` perturbed copies (allocated once; a
+        no-op after)."""
+        directions = sorted({p.direction for p in perturbations if p.sign != 0} | {0})
         names = [] if self.regenerate else [z_name(d) for d in directions]
         if copies > 1 and "z" not in names:
             names.append("z")  # a conservative trial's scratch
@@ -200,7 +167,7 @@ class UnitSPSA:
         step: int,
         eps: float,
         seeds: Sequence[int],
-        out: dict[RunKey, list[torch.Tensor]],
+        out: dict[Perturbation, list[torch.Tensor]],
         z: list[torch.Tensor] | None = None,
         signs: Sequence[int] = (+1, -1),
     ) -> None:
@@ -209,12 +176,12 @@ class UnitSPSA:
         each z is drawn into ``out[(d, +1)]``, the other signs' copies made from it, and it then becomes the
         +eps copy in place (the same bits). ``signs=(+1,)``: one-sided."""
         for d, seed in enumerate(seeds):
-            zd = out[(d, +1)] if z is None else z
+            zd = out[Perturbation(d, +1)] if z is None else z
             self.draw(unit, step, seed, zd)
             for s in signs:
                 if z is None and s == +1:
                     continue
-                self.perturb_one(unit, flats, zd, s * eps, out[(d, s)])
+                self.perturb_one(unit, flats, zd, s * eps, out[Perturbation(d, s)])
             if z is None:
                 self._perturb_in_place(unit, flats, zd, eps)
 
@@ -223,7 +190,7 @@ class UnitSPSA:
         unit: Unit,
         flats: list[torch.Tensor],
         commits: Sequence[Commit],
-        out: dict[RunKey, list[torch.Tensor]] | None = None,
+        out: dict[Perturbation, list[torch.Tensor]] | None = None,
         z: list[torch.Tensor] | None = None,
     ) -> None:
         """The candidates of a conservative step: ``out[(0, +1)]`` = theta after ``commits``, ``out[(0, -1)]`` =
@@ -233,7 +200,7 @@ class UnitSPSA:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
         z = self.views("z", unit) if z is None else z
         for sign in (+1, -1):
-            copies = out[(0, sign)] if out is not None else self.views("P" if sign > 0 else "P2", unit)
+            copies = out[Perturbation(0, sign)] if out is not None else self.views("P" if sign > 0 else "P2", unit)
             for seg, w, c in zip(unit.segments, flats, copies):
                 c[: seg.trainable_numel].copy_(w[: seg.trainable_numel])
             for commit in commits:
@@ -243,7 +210,7 @@ class UnitSPSA:
 
     def catch_up(self, unit: Unit, flats: list[torch.Tensor], commits: Sequence[Commit]) -> bool:
         """Apply ``commits`` in order (rounded to storage after each); True if anything changed."""
-        if not commits or not unit.trainable:
+        if not commits or not unit.is_trainable:
             return False
         scratch = self.views(self._catch_up_scratch, unit)
         for c in commits:  # one at a time, rounded after each: catching up k steps late changes nothing
@@ -320,3 +287,8 @@ class UnitSPSA:
             if n and seg.dtype != dtype:
                 self.generator.manual_seed(derive_seed(c.seed, c.step, unit.index, _ROUNDING_TAG + k))
                 w[:n].copy_(self._round(w[:n], dtype, self.generator))
+
+
+def _label(name: object) -> str:
+    """``"z"``, ``("z", 2)`` -> ``"z2"``, ``"P"``: the scratch names as they are reported."""
+    return "".join(str(part) for part in name) if isinstance(name, tuple) else str(name)

@@ -1,7 +1,7 @@
 """Where each block's parameters live, and the copies between host memory and the working device.
 
-``streamer = BlockStreamer(units, device, offload=True, pin_memory=True, prefetch=1, resident=0)``;
-``streamer.offload()`` once, then ``flats = streamer.acquire(i)`` / ``streamer.release(i, dirty)`` per use.
+``streamer = BlockStreamer(units, device, options)``; ``streamer.offload()`` once, then
+``flats = streamer.acquire(i)`` / ``streamer.release(i, dirty)`` per use.
 
 Each block owns one flat host buffer per dtype (pinned at its exact size when the working device is CUDA, see
 :mod:`.pinned`), allocated once.
@@ -20,23 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from zo2_lightning.engine.disk import DiskStore
+from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.pinned import host_empty, serving
 from zo2_lightning.engine.units import Unit
-
-
-def device_slot_count(slots: int | None, prefetch: int) -> int:
-    """The device buffers for streamed blocks: ``slots``, or ``prefetch + 2`` for None (the block in use, the one
-    being written back, the prefetched ones).
-
-    Raises:
-        ValueError: ``slots`` below ``prefetch + 1`` (the block in use and the prefetched ones).
-    """
-    if slots is None:
-        return prefetch + 2
-    if int(slots) < prefetch + 1:
-        raise ValueError(f"device_slots={slots} cannot hold the block in use and {prefetch} prefetched ones: use at"
-                         f" least prefetch + 1 = {prefetch + 1}, or None for prefetch + 2")
-    return int(slots)
 
 
 @dataclass
@@ -45,6 +31,10 @@ class _DeviceSlot:
     block: int | None = None
     ready: torch.cuda.Event | None = None  # upload finished (recorded on the upload stream)
     free: torch.cuda.Event | None = None  # last reader / write-back finished; safe to overwrite
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
 @dataclass
@@ -60,54 +50,31 @@ class BlockStreamer:
     Args:
         units: one per block, in block order.
         device: the working device (where forwards run).
-        offload: keep block parameters in host memory; if False they stay on ``device`` (in-device MeZO).
-        pin_memory: pin the host buffers (only meaningful when ``device`` is CUDA).
-        prefetch: how many blocks ahead :meth:`prefetch` may upload while the current one computes.
-        resident: the first ``resident`` blocks are uploaded once and stay on the working device.
-        force_copies: copy between separate host and working buffers even when both are on the CPU (tests use
-            it to exercise the transfer path without a GPU).
-        storage_dtype: dtype of the host copies (e.g. ``torch.bfloat16``: half the bytes moved and stored);
-            blocks are widened to their working dtype on upload and cast back on write-back, so the caller
-            must keep the working values representable (the engine rounds them stochastically after updates).
-            Implies separate working buffers.
-        offload_dir: keep the host copies in files under this directory instead of host memory (models larger
-            than RAM); see :mod:`.disk`. Blocks are then read for every use and rewritten only when the
-            caller asks (``release(i, write_back=True)``).
-        slots: device buffers for streamed blocks; default ``prefetch + 2`` (the block in use, the one being
-            written back, the prefetched ones). ``prefetch + 1`` saves a block of device memory: the upload into
-            a just-released slot then waits for that slot's write-back (still off the compute stream).
-
-    Raises:
-        ValueError: ``slots`` below ``prefetch + 1``.
+        options: the engine's options; this class reads where blocks live (``offload_device``, ``offload_dir``),
+            ``pin_memory``, ``prefetch``, ``device_slots``, a fixed ``resident_blocks`` count (``"auto"`` starts at
+            none, see :meth:`set_resident`), ``storage_dtype`` and ``force_copies``. With a ``storage_dtype``,
+            blocks are widened to their working dtype on upload and cast back on write-back, so the caller must
+            keep the working values representable (the engine rounds them stochastically after updates). With disk
+            offload, blocks are read for every use and rewritten only when the caller asks
+            (``release(i, write_back=True)``).
     """
 
-    def __init__(
-        self,
-        units: Sequence[Unit],
-        device: torch.device,
-        *,
-        offload: bool = True,
-        pin_memory: bool = False,
-        prefetch: int = 1,
-        resident: int = 0,
-        force_copies: bool = False,
-        storage_dtype: torch.dtype | None = None,
-        offload_dir: str | None = None,
-        slots: int | None = None,
-    ) -> None:
+    def __init__(self, units: Sequence[Unit], device: torch.device, options: EngineOptions) -> None:
         self.units = list(units)
-        self.disk = DiskStore(offload_dir, len(self.units)) if offload_dir is not None else None
+        self.disk = DiskStore(options.offload_dir, len(self.units)) if options.offload_dir is not None else None
         self.device = device
-        self.host_device = torch.device("cpu") if offload else device
-        self.storage_dtype = storage_dtype
-        narrows = storage_dtype is not None and any(
-            seg.dtype != storage_dtype for u in self.units for seg in u.segments
+        self.host_device = torch.device("cpu") if options.offload else device
+        self.storage_dtype = options.storage_dtype
+        narrows = self.storage_dtype is not None and any(
+            seg.dtype != self.storage_dtype for u in self.units for seg in u.segments
         )
-        self.copies = (offload and device.type != "cpu") or force_copies or narrows or self.disk is not None
-        self.pin = bool(pin_memory and offload and device.type == "cuda")
-        self.prefetch_depth = max(0, int(prefetch))
-        self.n_slots = device_slot_count(slots, self.prefetch_depth)
-        self.resident = set(range(min(max(0, int(resident)), len(self.units)))) if self.copies else set()
+        self.copies = (options.offload and device.type != "cpu") or options.force_copies or narrows \
+            or self.disk is not None
+        self.pin = options.pins(device)
+        self.prefetch_depth = options.prefetch
+        self._n_slots = options.slot_count
+        fixed = 0 if options.resident_blocks == "auto" else options.resident_blocks
+        self.resident = set(range(min(fixed, len(self.units)))) if self.copies else set()
         self.host: list[list[torch.Tensor]] = []
         self._slots: list[_DeviceSlot] = []
         self._resident_slots: dict[int, _DeviceSlot] = {}
@@ -120,6 +87,17 @@ class BlockStreamer:
         self._staging: dict[torch.dtype, torch.Tensor] = {}  # disk reads into a CUDA device pass through these
         self.bytes_uploaded = 0
         self.bytes_offloaded = 0
+
+    @property
+    def slot_count(self) -> int:
+        """Device buffers allocated for streamed blocks (none where blocks compute in their host copies)."""
+        return len(self._slots)
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes the streamer holds on the working device: the streamed blocks' buffers (``"slots"``) and the
+        resident blocks' own (``"resident_blocks"``); both 0 where blocks compute in their host copies."""
+        return {"slots": sum(s.nbytes for s in self._slots),
+                "resident_blocks": sum(s.nbytes for s in self._resident_slots.values())}
 
     # ------------------------------------------------------------------ set-up / tear-down
     def offload(self, before_pack: Callable[[int], None] | None = None) -> None:
@@ -146,7 +124,7 @@ class BlockStreamer:
         for unit in self.units:
             for seg in unit.segments:
                 sizes[seg.dtype] = max(sizes.get(seg.dtype, 0), seg.numel)
-        self._slots = [self._new_slot(sizes) for _ in range(self.n_slots)]
+        self._slots = [self._new_slot(sizes) for _ in range(self._n_slots)]
         for i in sorted(self.resident):
             slot = self._own_slot(i)
             self._upload(i, slot)
@@ -167,8 +145,8 @@ class BlockStreamer:
             return
         for seg in unit.segments:
             placeholder = torch.empty((), dtype=seg.dtype, device=self.host_device)  # one element, no copy
-            for slot in seg.slots:
-                slot.param.data = placeholder.expand(slot.shape)
+            for span in seg.spans:
+                span.param.data = placeholder.expand(span.shape)
 
     def expose(self) -> None:
         """Disk offload: point parked parameters at copy-on-write maps of their files, so ``state_dict`` and
@@ -199,9 +177,9 @@ class BlockStreamer:
             if flats is None:  # disk: file-backed maps, copied only where the dtype widens
                 flats = self._map(i)
             for seg, flat in zip(unit.segments, flats):
-                for slot in seg.slots:
-                    view = slot.view(flat)
-                    slot.param.data = view.to(seg.dtype, copy=True) if self.disk is None or view.dtype != seg.dtype else view
+                for span in seg.spans:
+                    view = span.view(flat)
+                    span.param.data = view.to(seg.dtype, copy=True) if self.disk is None or view.dtype != seg.dtype else view
         self.host.clear()
         self._staging.clear()
         self._slots.clear()

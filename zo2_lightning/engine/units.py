@@ -20,17 +20,12 @@ from zo2_lightning.engine.pinned import flat_empty
 
 
 @dataclass(frozen=True)
-class Slot:
-    """Where one parameter lives inside its segment's flat buffer."""
+class ParamSpan:
+    """Where one parameter lives inside its segment's flat buffer: ``flat[offset : offset + numel]``."""
 
     param: nn.Parameter
     offset: int
     shape: torch.Size
-
-    @property
-    def trainable_params(self) -> list[nn.Parameter]:
-        """Trainable parameters in seed order."""
-        return [s.param for seg in self.segments for s in seg.slots[: seg.trainable_slots]]
 
     @property
     def numel(self) -> int:
@@ -42,11 +37,11 @@ class Slot:
 
 @dataclass(frozen=True)
 class Segment:
-    """All of a unit's parameters of one dtype: trainable slots first, then frozen ones."""
+    """All of a unit's parameters of one dtype: trainable spans first, then frozen ones."""
 
     dtype: torch.dtype
-    slots: tuple[Slot, ...]
-    trainable_slots: int  # the first ``trainable_slots`` slots are trainable
+    spans: tuple[ParamSpan, ...]
+    trainable_spans: int  # the first ``trainable_spans`` spans are trainable
     trainable_numel: int
     numel: int
 
@@ -58,12 +53,13 @@ class Unit:
     Attributes:
         index: the block index, or ``seeds.RESIDENT_UNIT``.
         segments: one per dtype, in first-seen order.
-        trainable: number of trainable tensors (the ``tensor`` seed index runs over them, segment by segment).
+        trainable_count: number of trainable tensors (the ``tensor`` seed index runs over them, segment by
+            segment).
     """
 
     index: int
     segments: tuple[Segment, ...]
-    trainable: int
+    trainable_count: int
 
     @classmethod
     def build(cls, index: int, params: Iterable[nn.Parameter], trainable: set[int]) -> Unit:
@@ -72,30 +68,35 @@ class Unit:
         seen: set[int] = set()
         for p in params:
             if id(p) in seen:
-                continue  # tied within the unit: one slot
+                continue  # tied within the unit: one span
             seen.add(id(p))
             train, frozen = by_dtype.setdefault(p.dtype, ([], []))
             (train if id(p) in trainable else frozen).append(p)
         segments = []
         n_train = 0
         for dtype, (train, frozen) in by_dtype.items():
-            slots, offset = [], 0
+            spans, offset = [], 0
             for p in [*train, *frozen]:
-                slots.append(Slot(p, offset, p.shape))
+                spans.append(ParamSpan(p, offset, p.shape))
                 offset += p.numel()
             t_numel = sum(p.numel() for p in train)
-            segments.append(Segment(dtype, tuple(slots), len(train), t_numel, offset))
+            segments.append(Segment(dtype, tuple(spans), len(train), t_numel, offset))
             n_train += len(train)
         return cls(index, tuple(segments), n_train)
 
     @property
+    def is_trainable(self) -> bool:
+        """Whether any of the unit's tensors is perturbed and updated."""
+        return self.trainable_count > 0
+
+    @property
     def params(self) -> list[nn.Parameter]:
-        return [s.param for seg in self.segments for s in seg.slots]
+        return [s.param for seg in self.segments for s in seg.spans]
 
     @property
     def trainable_params(self) -> list[nn.Parameter]:
         """Trainable parameters in seed order."""
-        return [s.param for seg in self.segments for s in seg.slots[: seg.trainable_slots]]
+        return [s.param for seg in self.segments for s in seg.spans[: seg.trainable_spans]]
 
     @property
     def numel(self) -> int:
@@ -110,25 +111,25 @@ class Unit:
         flats = []
         for seg in self.segments:
             flat = flat_empty(seg.numel, dtype or seg.dtype, device, pin)  # host: pinned at its exact size
-            for slot in seg.slots:
-                slot.view(flat).copy_(slot.param.data)
+            for span in seg.spans:
+                span.view(flat).copy_(span.param.data)
             flats.append(flat)
         return flats
 
     def bind(self, flats: Sequence[torch.Tensor]) -> None:
         """Point every parameter at its view of ``flats`` (one per segment)."""
         for seg, flat in zip(self.segments, flats):
-            for slot in seg.slots:
-                slot.param.data = slot.view(flat)
+            for span in seg.spans:
+                span.param.data = span.view(flat)
 
     def bind_signed(self, flats: Sequence[torch.Tensor], perturbed: Sequence[torch.Tensor]) -> None:
         """Trainable parameters read ``perturbed``; frozen ones read the pristine ``flats``."""
         for seg, flat, pert in zip(self.segments, flats, perturbed):
-            for i, slot in enumerate(seg.slots):
-                slot.param.data = slot.view(pert if i < seg.trainable_slots else flat)
+            for i, span in enumerate(seg.spans):
+                span.param.data = span.view(pert if i < seg.trainable_spans else flat)
 
     def trainable_views(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The trainable tensors' views of ``flats``, in seed order."""
         return [
-            slot.view(flat) for seg, flat in zip(self.segments, flats) for slot in seg.slots[: seg.trainable_slots]
+            span.view(flat) for seg, flat in zip(self.segments, flats) for span in seg.spans[: seg.trainable_spans]
         ]

@@ -1,18 +1,18 @@
 """The ZO engine: one MeZO step on a model whose blocks stream through the working device.
 
 ```python
-engine = ZOEngine(model, blocks, torch.device("cuda"), seed=0)
+engine = ZOEngine(model, blocks, torch.device("cuda"), EngineOptions(prefetch=2), seed=0)
 engine.attach(trainable_groups)                      # offload blocks, hooks on
 loss_plus, loss_minus = engine.run_pair(lambda key: loss_fn(model, batch), step=t, eps=1e-3)
 engine.commit(step=t, g=(loss_plus - loss_minus) / 2e-3, lrs=[1e-6], weight_decays=[0.0])
 engine.detach()                                      # flushed, hooks off, parameters back where they were
 ```
 
-Plain torch: nothing here knows about Lightning or Hydra (DESIGN.md decision 9). The engine owns *when*
+Plain torch: nothing here knows about Lightning or Hydra (docs/architecture.md, "Layers"). The engine owns *when*
 things happen to the parameters (deferred updates at a block's arrival, write-back, flush, commits);
 :mod:`.streaming` owns *where* they are; :mod:`.runs` (over :mod:`.lockstep`) what each perturbed run reads;
 :mod:`.resident` the parameters outside the blocks; :mod:`.spsa` the arithmetic on a unit;
-:mod:`.commit_log` the pending updates.
+:mod:`.ledger` the pending updates; :mod:`.options` what it was asked to do.
 """
 
 from __future__ import annotations
@@ -26,32 +26,23 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from zo2_lightning.engine.commit_log import CommitLog
+from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, RunKey, step_perturbations
+from zo2_lightning.engine.ledger import Commit, CommitLedger
+from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.resident import ResidentParams
-from zo2_lightning.engine.runs import StepRuns
 from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rules import UpdateRule
-from zo2_lightning.engine.spsa import TRIAL_KEYS, Commit, RunKey, UnitSPSA, run_keys
+from zo2_lightning.engine.runs import StepRuns
+from zo2_lightning.engine.spsa import UnitSPSA
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
-
-
-def check_direction_buffers(keep_directions: bool, regenerate_directions: bool) -> None:
-    """Refuse asking both to keep each block's z until its update and to keep no z at all.
-
-    Raises:
-        ValueError: both are set.
-    """
-    if keep_directions and regenerate_directions:
-        raise ValueError("keep_directions (keep z until the update) and regenerate_directions (keep no z) exclude"
-                         " each other: choose one")
 
 
 @dataclass
 class _Acquired:
     flats: list[torch.Tensor]  # the block's working-device flats
     dirty: bool  # values changed since upload
-    applied: int  # absolute position in the commit log up to which the working copy is updated
+    applied: int  # absolute position in the commit ledger up to which the working copy is updated
 
 
 class ZOEngine:
@@ -61,39 +52,18 @@ class ZOEngine:
         model: the root module (everything that is not inside a block stays on ``device``).
         blocks: the modules streamed one at a time, in their usual forward order.
         device: the working device.
+        options: what to offload, where, and at what memory cost (:class:`.options.EngineOptions`, documented
+            field by field there); ``None``: the defaults.
         seed: run seed; z for (step, block, tensor) is a pure function of it.
-        offload: keep block parameters in host memory (False: everything on ``device``, in-device MeZO).
-        pin_memory: pin host buffers when ``device`` is CUDA (``None``: yes when it is).
-        prefetch: blocks uploaded ahead of the one computing.
-        resident_blocks: the first N blocks stay on ``device`` for the whole run; ``"auto"``: after the first
-            step, as many as fit under ``max_device_memory`` (measured peak of a fully streamed step).
-        max_device_memory: the budget for ``"auto"`` in bytes; ``None`` takes 90% of the device's memory.
-        memory_probe: returns the peak device memory so far (default: ``torch.cuda.max_memory_allocated``);
-            injectable for tests.
-        offload_dir: keep the blocks' host copies in safetensors files under this directory (models larger
-            than host RAM). A block's file is rewritten only every ``disk_flush_every`` updates and at a flush;
-            in between, the pending (seed, g, lr) updates are replayed on each read, so the drive is mostly read.
-        disk_flush_every: see ``offload_dir``.
-        materialize: ``materialize(block)`` is called on a block whose parameters are on the meta device just
-            before it is packed, so a model larger than RAM can be built one block at a time. It must keep the
-            Parameter objects (fill them with ``torch.utils.swap_tensors``): the optimizer holds them.
-        force_copies: exercise the host<->device copy path even on CPU (tests).
-        storage_dtype: dtype of the blocks' host copies (``torch.bfloat16`` / ``torch.float16`` halve the bytes
-            moved and stored); compute stays in the parameters' dtype.
-        distribution: of the directions z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1).
-        keep_directions: keep each block's z until its deferred update (saves a draw per parameter per step,
-            costs one copy of the trainable block parameters on ``device``: for models that fit, e.g. on CPU).
-        stochastic_rounding: narrow updated blocks to ``storage_dtype`` with seeded stochastic rounding (True)
-            or round-to-nearest (False: loses MeZO-size updates; for comparison only).
-        regenerate_directions: keep no z on the device: each run's perturbed copy of a block (and of the resident
-            parameters) is drawn afresh as the run takes its turn, into one buffer. The least device memory (one
-            block-sized scratch buffer, one resident copy) for 2q draws per block per step instead of q; for the
-            largest models on a GPU. Excludes ``keep_directions``.
-        device_slots: device buffers for streamed blocks (default ``prefetch + 2``); ``prefetch + 1`` saves one
-            block of device memory, each upload into a just-released buffer waiting for its write-back.
         rule: the update rule of a commit (:mod:`.rules`; default MeZO-SGD). A stateful rule's buffers live in
             host memory with the blocks' host copies (on ``device`` without offload) and travel to the device
             with the block for its update; with disk offload every updated block is written back at once.
+        distribution: of the directions z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1).
+        memory_probe: returns the peak device memory so far, for ``resident_blocks="auto"`` (default:
+            ``torch.cuda.max_memory_allocated``); injectable for tests.
+        materialize: ``materialize(block)`` is called on a block whose parameters are on the meta device just
+            before it is packed, so a model larger than RAM can be built one block at a time. It must keep the
+            Parameter objects (fill them with ``torch.utils.swap_tensors``): the optimizer holds them.
     """
 
     def __init__(
@@ -101,63 +71,31 @@ class ZOEngine:
         model: nn.Module,
         blocks: Sequence[nn.Module],
         device: torch.device,
+        options: EngineOptions | None = None,
         *,
         seed: int = 0,
-        offload: bool = True,
-        pin_memory: bool | None = None,
-        prefetch: int = 1,
-        resident_blocks: int | str = 0,
-        force_copies: bool = False,
-        max_device_memory: int | None = None,
-        memory_probe: Callable[[], int] | None = None,
-        offload_dir: str | None = None,
-        disk_flush_every: int = 16,
-        materialize: Callable[[nn.Module], None] | None = None,
-        storage_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = True,
-        keep_directions: bool = False,
-        distribution: str = "gaussian",
         rule: UpdateRule | None = None,
-        regenerate_directions: bool = False,
-        device_slots: int | None = None,
+        distribution: str = "gaussian",
+        memory_probe: Callable[[], int] | None = None,
+        materialize: Callable[[nn.Module], None] | None = None,
     ) -> None:
-        check_direction_buffers(keep_directions, regenerate_directions)
-        self._regenerate = bool(regenerate_directions)
+        self.options = options if options is not None else EngineOptions()
         self.model = model
         self.blocks = list(blocks)
         self.device = torch.device(device)
         self.seed = int(seed)
-        self._stream_args = dict(
-            offload=offload,
-            pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
-            prefetch=prefetch,
-            resident=0 if resident_blocks == "auto" else resident_blocks,
-            force_copies=force_copies,
-            storage_dtype=storage_dtype,
-            offload_dir=offload_dir,
-            slots=device_slots,
-        )
-        if int(disk_flush_every) < 1:
-            raise ValueError(f"disk_flush_every must be >= 1, got {disk_flush_every}")
-        self.disk_flush_every = int(disk_flush_every)
-        self._materialize = materialize
-        self._flushing = False
-        self._storage_dtype, self._stochastic = storage_dtype, stochastic_rounding
-        self._keep_directions = keep_directions
-        self.distribution = distribution
         self.rule = rule if rule is not None else UpdateRule()
-        self._state_device = torch.device("cpu") if offload else self.device
-        self.updates = 0  # commits made so far (the t of the next one is updates + 1)
-        if resident_blocks not in ("auto",) and not isinstance(resident_blocks, int):
-            raise ValueError(f"resident_blocks must be an int >= 0 or 'auto', got {resident_blocks!r}")
-        self._auto_residency = resident_blocks == "auto"
-        self._budget = max_device_memory
+        self.distribution = distribution
         self._probe = memory_probe
+        self._materialize = materialize
+        self._auto_residency = self.options.resident_blocks == "auto"
+        self._flushing = False
+        self.updates = 0  # commits made so far (the t of the next one is updates + 1)
         self.streamer: BlockStreamer | None = None
         self.units: list[Unit] = []
-        self.res: ResidentParams | None = None  # everything outside the blocks
+        self.resident_params: ResidentParams | None = None  # everything outside the blocks
         self.spsa: UnitSPSA | None = None
-        self._log = CommitLog(0)
+        self.ledger = CommitLedger(0)
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
         self._runs: StepRuns | None = None  # the perturbed runs of the step in progress
         self._orig_devices: dict[int, torch.device] = {}
@@ -176,10 +114,7 @@ class ZOEngine:
             raise RuntimeError("ZOEngine.attach() called twice")
         group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
         trainable = set(group_of)
-        self.spsa = UnitSPSA(
-            self.device, group_of, self._storage_dtype, self._stochastic, self._keep_directions, self.distribution,
-            self.rule, self._state_device, self._regenerate,
-        )
+        self.spsa = UnitSPSA(self.device, group_of, self.options, self.rule, self.distribution)
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
         for b in self.model.buffers():
@@ -189,8 +124,8 @@ class ZOEngine:
             unit = Unit.build(i, block.parameters(), trainable)
             block_param_ids.update(id(p) for p in unit.params)
             self.units.append(unit)
-        self._log = CommitLog(len(self.units))
-        self.streamer = BlockStreamer(self.units, self.device, **self._stream_args)
+        self.ledger = CommitLedger(len(self.units))
+        self.streamer = BlockStreamer(self.units, self.device, self.options)
         self.streamer.offload(before_pack=self._materialize_block)
         # everything outside the blocks lives on the working device
         res_params = [p for p in self.model.parameters() if id(p) not in block_param_ids]
@@ -200,9 +135,9 @@ class ZOEngine:
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
-        self.res = ResidentParams(res_params, trainable, self.device, self.spsa, self._regenerate)
+        self.resident_params = ResidentParams(res_params, trainable, self.device, self.spsa)
         self.spsa.size_for(self.units)
-        self.spsa.reserve(run_keys(1))
+        self.spsa.reserve(step_perturbations(1))
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i)))
         for module in self.model.modules():
@@ -217,9 +152,9 @@ class ZOEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        assert self.streamer is not None and self.res is not None
+        assert self.streamer is not None and self.resident_params is not None
         self.streamer.restore()
-        self.res.restore()
+        self.resident_params.restore()
         for p in self.model.parameters():
             dev = self._orig_devices.get(id(p))
             if dev is not None and dev.type != "meta" and p.device != dev:  # materialized blocks stay on host
@@ -229,9 +164,9 @@ class ZOEngine:
                 dev = self._orig_devices.get(id(buf)) if buf is not None else None
                 if dev is not None and dev.type != "meta" and buf.device != dev:
                     module._buffers[name] = buf.to(dev)
-        self.res, self.spsa = None, None
+        self.resident_params, self.spsa = None, None
         self.units, self.streamer = [], None
-        self._log, self._active = CommitLog(0), {}
+        self.ledger, self._active = CommitLedger(0), {}
         self.attached = False
 
     # ================================================================== the step
@@ -247,65 +182,68 @@ class ZOEngine:
     def run_directions(
         self, fn: Callable[[Any], Any], step: int, eps: float, seeds: Sequence[int], one_sided: bool = False
     ) -> list[tuple[Any, Any]]:
-        """q-SPSA: the 2q runs ``fn((d, +1))``, ``fn((d, -1))`` for each direction seed, all in lockstep, so
-        each block is brought in once and every run uses it before it leaves. Returns ``[(out+, out-)]`` per
-        direction. Scratch memory grows with q: a z per direction for the largest block (plus one perturbed copy
-        that the runs share, rebuilt as each takes its turn), and 2q perturbed copies of the resident parameters.
+        """q-SPSA: the 2q runs ``fn(key)`` (``key.direction`` d, ``key.sign`` +1 / -1) for each direction seed, all
+        in lockstep, so each block is brought in once and every run uses it before it leaves. Returns
+        ``[(out+, out-)]`` per direction. Scratch memory grows with q: a z per direction for the largest block (plus
+        one perturbed copy that the runs share, rebuilt as each takes its turn), and 2q perturbed copies of the
+        resident parameters.
 
-        ``one_sided``: the forward-difference estimate; the q runs at +eps and one run ``fn((0, 0))`` at theta
-        itself (q + 1 forwards); returns ``[(out+, out0)]`` per direction, ``out0`` the same object for all.
+        ``one_sided``: the forward-difference estimate; the q runs at +eps and one run (direction 0, sign 0) at
+        theta itself (q + 1 forwards); returns ``[(out+, out0)]`` per direction, ``out0`` the same object for all.
         """
-        return self.run_chunks(lambda key: fn(key[:2]), step, eps, seeds, 1, one_sided)[0]
+        return self.run_chunks(fn, step, eps, seeds, 1, one_sided)[0]
 
     def run_chunks(
         self,
-        fn: Callable[[Any], Any],
+        fn: Callable[[RunKey], Any],
         step: int,
         eps: float,
         seeds: Sequence[int],
         chunks: int,
         one_sided: bool = False,
     ) -> list[list[tuple[Any, Any]]]:
-        """:meth:`run_directions` for ``chunks`` micro-batches at once: ``fn((d, s, m))`` runs micro-batch ``m``,
+        """:meth:`run_directions` for ``chunks`` micro-batches at once: ``fn(key)`` runs micro-batch ``key.chunk``,
         and all ``chunks`` x 2q runs share one residency of each block (the transfer is paid once per step, not
         once per micro-batch; each block's compute temporaries exist for one micro-batch at a time). Returns
         ``[[(out+, out-) per direction] per chunk]``.
         """
         q = range(len(seeds))
-        self.spsa.prune_kept(int(step), self._log.keys())
-        results = self._run_lockstep(fn, run_keys(len(q), one_sided), chunks, step, eps, seeds, one_sided)
+        self.spsa.prune_kept(int(step), self.ledger.keys())
+        perturbations = step_perturbations(len(q), one_sided)
+        results = self._run_lockstep(fn, perturbations, chunks, step, eps, seeds, one_sided)
         if one_sided:
-            return [[(results[(d, +1, m)], results[(0, 0, m)]) for d in q] for m in range(chunks)]
-        return [[(results[(d, +1, m)], results[(d, -1, m)]) for d in q] for m in range(chunks)]
+            return [[(results[RunKey(d, +1, m)], results[RunKey(0, 0, m)]) for d in q] for m in range(chunks)]
+        return [[(results[RunKey(d, +1, m)], results[RunKey(d, -1, m)]) for d in q] for m in range(chunks)]
 
     def run_trial(
-        self, fn: Callable[[Any], Any], commits: Sequence[Commit], chunks: int = 1
+        self, fn: Callable[[RunKey], Any], commits: Sequence[Commit], chunks: int = 1
     ) -> list[tuple[Any, Any, Any]]:
-        """The three runs of a conservative step (ZO-SGD-Cons), in lockstep: ``fn((0, s, m))`` at theta after
-        ``commits`` (the step, s=+1), at theta (s=0) and at theta after the commits reversed (s=-1), for each
-        micro-batch m. Returns ``[(out_step, out_none, out_reversed)]`` per chunk; nothing is committed. The
-        candidates are computed exactly as the commits would be applied, so committing the chosen one gives
-        the parameters its run saw, bit for bit. Needs a stateless rule.
+        """The three runs of a conservative step (ZO-SGD-Cons), in lockstep: ``fn(key)`` at theta after ``commits``
+        (``key.sign`` +1), at theta (0) and at theta after the commits reversed (-1), for each micro-batch. Returns
+        ``[(out_step, out_none, out_reversed)]`` per chunk; nothing is committed. The candidates are computed
+        exactly as the commits would be applied, so committing the chosen one gives the parameters its run saw,
+        bit for bit. Needs a stateless rule.
         """
         if self.rule.stateful:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
         step = commits[0].step if commits else 0
-        results = self._run_lockstep(fn, TRIAL_KEYS, chunks, step, 0.0, [], trial=commits)
-        return [(results[(0, +1, m)], results[(0, 0, m)], results[(0, -1, m)]) for m in range(chunks)]
+        results = self._run_lockstep(fn, TRIAL_PERTURBATIONS, chunks, step, 0.0, [], trial=commits)
+        return [tuple(results[RunKey(p.direction, p.sign, m)] for p in TRIAL_PERTURBATIONS)  # type: ignore[misc]
+                for m in range(chunks)]
 
-    def _run_lockstep(self, fn: Callable[[Any], Any], keys: list[RunKey], chunks: int, step: int, eps: float,
+    def _run_lockstep(self, fn: Callable[[RunKey], Any], perturbations: list, chunks: int, step: int, eps: float,
                       seeds: Sequence[int], one_sided: bool = False,
-                      trial: Sequence[Commit] | None = None) -> dict[Any, Any]:
-        """Every (direction, sign) of ``keys`` for each chunk, as lockstep runs keyed ``(d, s, m)``."""
+                      trial: Sequence[Commit] | None = None) -> dict[RunKey, Any]:
+        """Every perturbation on each chunk, as lockstep runs keyed by :class:`.keys.RunKey`."""
         self._release_all()
-        assert self.spsa is not None and self.res is not None
-        self._runs = StepRuns(self.spsa, self.res, self.units, self._arrive, self._regenerate)
+        assert self.spsa is not None and self.resident_params is not None
+        self._runs = StepRuns(self.spsa, self.resident_params, self.units, self._arrive)
         try:
-            return self._runs.run(fn, keys, chunks, step, eps, seeds, one_sided, trial)
+            return self._runs.run(fn, perturbations, chunks, step, eps, seeds, one_sided, trial)
         finally:
             self._runs = None
             self._release_all()
-            self.res.bind_plain()
+            self.resident_params.bind_plain()
 
     def candidate(
         self,
@@ -336,11 +274,11 @@ class ZOEngine:
         c = step if isinstance(step, Commit) else self.candidate(step, g, lrs, weight_decays, seed, hyper)
         self.updates += 1
         c = dataclasses.replace(c, t=self.updates)
-        self._log.add(c)
+        self.ledger.add(c)
         if self._auto_residency:
             self._plan_residency()
-        assert self.res is not None
-        self.res.commit(c)
+        assert self.resident_params is not None
+        self.resident_params.commit(c)
 
     def _plan_residency(self) -> None:
         """Once, after the first (fully streamed) step: keep as many blocks resident as the budget allows."""
@@ -353,7 +291,7 @@ class ZOEngine:
             if self.device.type != "cuda":
                 return
             probe = lambda: torch.cuda.max_memory_allocated(self.device)  # noqa: E731
-        budget = self._budget
+        budget = self.options.max_gpu_memory
         if budget is None:
             budget = int(0.9 * torch.cuda.get_device_properties(self.device).total_memory)
         block_bytes = max(u.nbytes for u in self.units)  # working dtype, on the device
@@ -371,31 +309,18 @@ class ZOEngine:
         try:
             self._release_all()
             for i in range(len(self.units)):
-                if self._log.applied[i] < self._log.head:
+                if self.ledger.applied[i] < self.ledger.head:
                     self._arrive(i)
                     self._release(i)
         finally:
             self._flushing = False
         self.streamer.sync_host()
-        self._log.clear()
+        self.ledger.clear()
 
     @property
-    def sign(self) -> int | None:
-        """+1 / -1 while one of the perturbed runs executes, else None."""
-        key = self._runs.key if self._runs is not None else None
-        return key[1] if key is not None else None
-
-    @property
-    def direction(self) -> int | None:
-        """The direction index of the perturbed run executing now, else None."""
-        key = self._runs.key if self._runs is not None else None
-        return key[0] if key is not None else None
-
-    @property
-    def chunk(self) -> int | None:
-        """The micro-batch index of the perturbed run executing now, else None."""
-        key = self._runs.key if self._runs is not None else None
-        return key[2] if key is not None else None
+    def run_key(self) -> RunKey | None:
+        """The perturbed run executing now (direction, sign, micro-batch), else None."""
+        return self._runs.key if self._runs is not None else None
 
     def release_blocks(self) -> None:
         """Let go of the blocks an evaluation forward left on the device."""
@@ -405,7 +330,17 @@ class ZOEngine:
     @property
     def pending(self) -> int:
         """Number of block updates not yet applied."""
-        return self._log.pending
+        return self.ledger.pending
+
+    def device_bytes(self) -> dict[str, int]:
+        """What the engine holds on the working device, by component (bytes): the streamed blocks' buffers and the
+        resident blocks' (``slots``, ``resident_blocks``), the parameters outside the blocks and their runs'
+        copies (``resident/...``), the block scratch (``scratch/...``) and kept directions. Empty before
+        :meth:`attach`."""
+        if not self.attached:
+            return {}
+        assert self.streamer is not None and self.spsa is not None and self.resident_params is not None
+        return {**self.streamer.device_bytes(), **self.resident_params.device_bytes(), **self.spsa.device_bytes()}
 
     # ================================================================== optimizer state
     def rule_state(self) -> dict[str, Any]:
@@ -431,7 +366,7 @@ class ZOEngine:
         self.spsa.state.load_state_dict(self._all_units(), state.get("buffers", {}))
 
     def _all_units(self) -> list[Unit]:
-        return [*self.units, *([self.res.unit] if self.res is not None else [])]
+        return [*self.units, *([self.resident_params.unit] if self.resident_params is not None else [])]
 
     # ================================================================== block arrivals
     def _block_hook(self, i: int) -> Callable[..., None]:
@@ -449,8 +384,8 @@ class ZOEngine:
             self._release(j)
         if i not in self._active:
             flats = self.streamer.acquire(i)
-            dirty = self.spsa.catch_up(self.units[i], flats, self._log.since(i))
-            self._active[i] = _Acquired(flats, dirty, self._log.head)
+            dirty = self.spsa.catch_up(self.units[i], flats, self.ledger.since(i))
+            self._active[i] = _Acquired(flats, dirty, self.ledger.head)
         for k in range(1, self.streamer.prefetch_depth + 1):
             self.streamer.prefetch(i + k)
         return self._active[i].flats
@@ -459,11 +394,11 @@ class ZOEngine:
         acquired = self._active.pop(j)
         lazy = (self.streamer.disk is not None and j not in self.streamer.resident and not self._flushing
                 and not self.rule.stateful)  # replaying a stateful update would advance its state twice
-        lag = acquired.applied - self._log.applied[j]  # updates the host copy has not absorbed
-        write = acquired.dirty and not (lazy and lag < self.disk_flush_every)
+        lag = acquired.applied - self.ledger.applied[j]  # updates the host copy has not absorbed
+        write = acquired.dirty and not (lazy and lag < self.options.disk_flush_every)
         self.streamer.release(j, acquired.dirty, write_back=write)
         if write or not acquired.dirty:
-            self._log.absorbed(j, acquired.applied)
+            self.ledger.absorbed(j, acquired.applied)
 
     def _materialize_block(self, i: int) -> None:
         block = self.blocks[i]

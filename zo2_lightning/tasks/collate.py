@@ -2,7 +2,7 @@
 
 ``loader = DataLoader(examples, batch_size=16, collate_fn=ChoiceCollator(tokenizer, max_length=2048))``
 
-Every batch is a dict with a ``kind`` entry that tells :class:`~zo2_lightning.lit_lm.LMTask` how to score it:
+Every batch is a dict with a ``kind`` entry that tells :class:`~zo2_lightning.tasks.lm_task.LMTask` how to score it:
 
 * ``choice``: every (example, candidate) pair is one row; ``option_mask`` marks the candidate's tokens,
   ``owner``/``slot`` place each row's score in a ``(batch, candidates)`` table, ``gold`` is the answer.

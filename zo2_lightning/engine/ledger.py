@@ -1,18 +1,38 @@
 """The ledger of deferred updates: every commit of the run, and how far each block's host copy has absorbed them.
 
-``log = CommitLog(n_blocks)``; ``log.add(commit)``; ``log.since(i)`` (what block i must still apply);
-``log.absorbed(i, upto)`` once block i's host copy holds the commits before ``upto``; ``log.head``.
+``ledger = CommitLedger(n_blocks)``; ``ledger.add(commit)``; ``ledger.since(i)`` (what block i must still apply);
+``ledger.absorbed(i, upto)`` once block i's host copy holds the commits before ``upto``; ``ledger.head``.
 
-Positions are absolute (the n-th commit of the run is position n), so a position taken when a block was acquired
-stays valid while the log forgets the commits every block has absorbed (:meth:`forget_absorbed`).
+A :class:`Commit` is one step's update along one direction: everything needed to apply it again later (the
+seed regenerates z), so a block that arrives k steps late applies the same k commits, in order, that it would
+have applied on time. Positions are absolute (the n-th commit of the run is position n), so a position taken
+when a block was acquired stays valid while the ledger forgets the commits every block has absorbed
+(:meth:`CommitLedger.forget_absorbed`).
 """
 
 from __future__ import annotations
 
-from zo2_lightning.engine.spsa import Commit
+import dataclasses
 
 
-class CommitLog:
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """The update of one step along one direction, applied to each block when it next arrives."""
+
+    step: int
+    g: float
+    lrs: tuple[float, ...]  # per optimizer param group
+    weight_decays: tuple[float, ...]
+    seed: int  # the run seed z was drawn with (see seeds.direction_seed)
+    hyper: tuple[float, ...] = ()  # the update rule's coefficients at this step (momentum, Adam betas and eps)
+    t: int = 0  # 1-based count of the update among the run's commits (Adam's bias correction); set by commit
+
+    def reversed(self) -> Commit:
+        """The step taken backwards (``-lr``): the opposite candidate of a conservative step."""
+        return dataclasses.replace(self, lrs=tuple(-lr for lr in self.lrs))
+
+
+class CommitLedger:
     def __init__(self, n_blocks: int, keep: int = 64) -> None:
         self._commits: list[Commit] = []
         self._base = 0  # absolute position of _commits[0]

@@ -95,7 +95,7 @@ def _prefix_pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         raise RuntimeError(
             f"{type(attn).__name__} was called with attn_implementation={impl!r} or without attention_mask as a"
             f" keyword: the prefix cannot be added. Use attn_implementation in {sorted(MASK_FORMATS)} and a family"
-            " listed in zo2_lightning.tuning.PREFIX_FAMILIES."
+            " listed in zo2_lightning.peft.tuning.PREFIX_FAMILIES."
         )
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, q, hidden)
     inner = kwargs.get(name)

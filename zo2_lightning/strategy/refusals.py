@@ -1,8 +1,10 @@
 """What the zo2 strategies refuse, and the errors that name the fix.
 
-``check_configuration(trainer, module, precision_plugin)`` at setup, ``zo_optimizer(strategy.optimizers)`` at each
-step, ``check_same_model(checkpoint, module, path)`` on load, ``as_number(int, "prefetch", value)`` for options
-that may arrive as strings from Hydra, ``scalar_loss(training_step_output)`` for every run's output.
+``check_configuration(trainer, module, precision_plugin)`` and ``check_step(optimizer, trainer, world_size,
+directions)`` at setup, ``zo_optimizer(strategy.optimizers)`` when fitting, ``check_same_model(checkpoint, module,
+path)`` on load, ``check_step_options(micro_batches, directions, max_consecutive_skips)`` at construction,
+``scalar_loss(training_step_output)`` for every run's output. The engine's own options refuse themselves
+(:class:`zo2_lightning.engine.EngineOptions`).
 """
 
 from __future__ import annotations
@@ -16,18 +18,60 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from zo2_lightning.module import ZOModule
-from zo2_lightning.optim import ZOSGD
+from zo2_lightning.optim import ZOOptimizer
+from zo2_lightning.strategy.collectives import DIRECTION_MODES
 
 
-def zo_optimizer(opts: list[Any]) -> ZOSGD:
-    """The one ZOSGD among ``opts`` (the strategy's optimizers), or an error naming the fix."""
-    if len(opts) != 1 or not isinstance(opts[0], ZOSGD):
+def zo_optimizer(opts: list[Any]) -> ZOOptimizer:
+    """The one ZO optimizer among ``opts`` (the strategy's optimizers), or an error naming the fix."""
+    if len(opts) != 1 or not isinstance(opts[0], ZOOptimizer):
         got = ", ".join(type(o).__name__ for o in opts) or "none"
         raise TypeError(
-            f"zo2_offload needs exactly one ZOSGD optimizer from configure_optimizers, got: {got}. Return"
-            " `zo2_lightning.ZOSGD(self.parameters(), lr=1e-6, eps=1e-3)` (optionally with an LR scheduler)."
+            f"zo2_offload needs exactly one ZO optimizer (ZOSGD or a variant) from configure_optimizers, got: {got}."
+            " Return `zo2_lightning.ZOSGD(self.parameters(), lr=1e-6, eps=1e-3)` (optionally with an LR scheduler)."
         )
     return opts[0]
+
+
+def check_step_options(micro_batches: Any, directions: Any, max_consecutive_skips: Any) -> int:
+    """Refuse strategy options the step cannot use; returns ``micro_batches`` as an int.
+
+    Raises:
+        ValueError: ``micro_batches`` is not an integer >= 1, ``directions`` is not a known mode, or
+            ``max_consecutive_skips`` is negative.
+    """
+    micro_batches = as_number(int, "micro_batches", micro_batches)
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    if directions not in DIRECTION_MODES:
+        raise ValueError(
+            f"directions={directions!r} is not supported: use 'shared' (one z for all ranks, MeZO on the"
+            " global batch) or 'independent' (one z per rank, all of them applied)"
+        )
+    if as_number(int, "max_consecutive_skips", max_consecutive_skips) < 0:
+        raise ValueError(f"max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
+    return micro_batches
+
+
+def check_step(optimizer: ZOOptimizer, trainer: Trainer, stateful_rule: bool, world_size: int,
+               directions: str) -> None:
+    """Refuse an optimizer the step cannot drive under this Trainer and layout.
+
+    Raises:
+        ValueError: a conservative optimizer with ``accumulate_grad_batches > 1``, or a stateful or conservative one
+            with independent directions on several ranks.
+    """
+    if optimizer.conservative and trainer.accumulate_grad_batches > 1:
+        raise ValueError(
+            f"{type(optimizer).__name__} compares the step's candidates on one batch, so it needs"
+            f" accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): raise the batch size instead"
+        )
+    if world_size > 1 and directions == "independent" and (stateful_rule or optimizer.conservative):
+        raise ValueError(
+            f"{type(optimizer).__name__} cannot run with directions='independent' on several ranks: each rank's"
+            " directions are separate updates, which a momentum/Adam state or a conservative trial cannot"
+            " combine. Use directions='shared' (MeZO on the global batch)."
+        )
 
 
 def check_configuration(trainer: Trainer, module: LightningModule, plugin: Precision) -> None:
@@ -84,7 +128,7 @@ def check_same_model(checkpoint: dict[str, Any], module: LightningModule, path: 
 
 
 def as_number(kind: type, name: str, value: Any) -> Any:
-    """``kind(value)``, or an error that names the option (a Hydra override like ``offload.prefetch=abc``)."""
+    """``kind(value)``, or an error that names the option (a Hydra override like ``offload.micro_batches=abc``)."""
     try:
         return kind(value)
     except (TypeError, ValueError):

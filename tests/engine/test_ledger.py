@@ -1,7 +1,6 @@
 """The deferred-update ledger: what each block still owes, with absolute positions that survive forgetting."""
 
-from zo2_lightning.engine.commit_log import CommitLog
-from zo2_lightning.engine.spsa import Commit
+from zo2_lightning.engine.ledger import Commit, CommitLedger
 
 
 def _c(step):
@@ -9,7 +8,7 @@ def _c(step):
 
 
 def test_positions_stay_valid_while_absorbed_commits_are_forgotten():
-    log = CommitLog(2, keep=2)
+    log = CommitLedger(2, keep=2)
     for s in range(3):
         log.add(_c(s))
     taken = log.head  # block 1 acquired now, caught up to position 3
@@ -22,7 +21,7 @@ def test_positions_stay_valid_while_absorbed_commits_are_forgotten():
 
 
 def test_a_lagging_block_keeps_its_commits():
-    log = CommitLog(2, keep=1)
+    log = CommitLedger(2, keep=1)
     for s in range(4):
         log.add(_c(s))
     log.absorbed(0, 4)

@@ -1,15 +1,16 @@
-"""The collectives of distributed ZO: after one weight sync at setup, only the measured losses cross ranks.
+"""How the ranks of a distributed ZO run agree on a step: after one weight sync at setup, only losses cross ranks.
 
 ```python
-broadcast_module_(module, device)                                  # once, at setup: rank 0's weights everywhere
-per_direction = mean_over_ranks(measured, device)                  # shared z: one all-reduce of q*k*2 float64
-per_direction = gather_over_ranks(measured, run_seed, device)      # per-rank z: one all-gather of q*k*2 float64
+broadcast_module_(module, device)                       # once, at setup: rank 0's weights everywhere
+reduction = reduction_for(world_size, "shared", rank, device)   # or "independent"; one process: Reduction()
+seeds = reduction.seeds(run_seed, q)                    # the directions this rank measures
+per_direction = reduction.losses(measured, run_seed)    # shared z: one all-reduce; per-rank z: one all-gather
 ```
 
-``measured`` is ``{direction seed: [(L+, L-) per micro-batch]}`` as one rank saw it (see
-:meth:`zo2_lightning.zo_core.ZOStrategyCore._reduce_losses`); the result is what every rank commits. Both
-reductions return bit-identical values on every rank (an all-reduce hands every rank the same sum; an all-gather
-hands every rank the same copies), so the parameters stay identical without moving a weight (DESIGN.md 8).
+``measured`` is ``{direction seed: [(L+, L-) per micro-batch]}`` as one rank saw it; the result is what every rank
+commits. Both reductions return bit-identical values on every rank (an all-reduce hands every rank the same sum; an
+all-gather hands every rank the same copies), so the parameters stay identical without moving a weight
+(docs/architecture.md, "Distributed by scalars").
 
 Plain ``torch.distributed`` on the default process group: Lightning sets the group up, nothing here imports it.
 """
@@ -26,6 +27,58 @@ Losses = dict[int, list[tuple[float, float]]]
 
 #: the two ways ranks share the work of a step
 DIRECTION_MODES = ("shared", "independent")
+
+
+class Reduction:
+    """One process: the run's q directions, and every loss as measured."""
+
+    def seeds(self, run_seed: int, q: int) -> list[int]:
+        """The run seeds of the directions this process measures at each step (q-SPSA: q of them)."""
+        return [direction_seed(run_seed, k) for k in range(q)]
+
+    def losses(self, measured: Losses, run_seed: int) -> Losses:
+        """``{direction seed: [(L+, L-) per micro-batch]}`` as every rank must see it."""
+        return measured
+
+    def values(self, values: list[float]) -> list[float]:
+        """Scalars every rank must agree on (a conservative step's trial losses)."""
+        return values
+
+
+class SharedDirections(Reduction):
+    """Every rank perturbs along the same z; the step uses the mean over ranks of L+ and L- (MeZO on the global
+    batch), by one all-reduce on ``device``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def losses(self, measured: Losses, run_seed: int) -> Losses:
+        return mean_over_ranks(measured, self.device)
+
+    def values(self, values: list[float]) -> list[float]:
+        return mean_values_over_ranks(values, self.device)
+
+
+class IndependentDirections(SharedDirections):
+    """Rank r measures its own q directions (seeds r*q .. r*q+q-1) on its own shard; the (L+, L-) are all-gathered
+    and every rank commits all N*q directions."""
+
+    def __init__(self, device: torch.device, rank: int) -> None:
+        super().__init__(device)
+        self.rank = rank
+
+    def seeds(self, run_seed: int, q: int) -> list[int]:
+        return rank_direction_seeds(run_seed, self.rank, q)
+
+    def losses(self, measured: Losses, run_seed: int) -> Losses:
+        return gather_over_ranks(measured, run_seed, self.device)
+
+
+def reduction_for(world_size: int, directions: str, rank: int, device: torch.device) -> Reduction:
+    """The reduction of a run: :class:`Reduction` for one process, else the ``directions`` mode's."""
+    if world_size <= 1:
+        return Reduction()
+    return IndependentDirections(device, rank) if directions == "independent" else SharedDirections(device)
 
 
 def rank_direction_seeds(run_seed: int, rank: int, q: int) -> list[int]:
@@ -68,7 +121,7 @@ def gather_over_ranks(measured: Losses, run_seed: int, device: torch.device) -> 
     if list(measured) != rank_direction_seeds(run_seed, rank, q):
         raise RuntimeError(
             f"rank {rank} measured directions {list(measured)}, not its own seeds: independent directions need"
-            " `_direction_seeds` and `gather_over_ranks` to use the same run seed and q on every rank"
+            " IndependentDirections.seeds and .losses to use the same run seed and q on every rank"
         )
     packed = _pack(measured, device)
     parts = [torch.empty_like(packed) for _ in range(world)]

@@ -26,8 +26,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from zo2_lightning.engine.blocks import discover_blocks
-from zo2_lightning.lora_layers import add_lora, merge_lora
-from zo2_lightning.prefix_cache import MASK_FORMATS, attach_prefix, cache_kwarg, record_keys_values
+from zo2_lightning.peft.lora import add_lora, merge_lora
+from zo2_lightning.peft.prefix import MASK_FORMATS, attach_prefix, cache_kwarg, record_keys_values
 
 __all__ = ["MODES", "PREFIX_FAMILIES", "full", "head_only", "lora", "merge_lora", "prefix", "tuning"]
 
@@ -105,7 +105,7 @@ def lora(
     """MeZO-LoRA: low-rank adapters on the named linear layers of every block; only they train.
 
     Each matching ``nn.Linear`` / GPT-2 ``Conv1D`` inside a block becomes a
-    :class:`~zo2_lightning.lora_layers.LoRALinear` that keeps the original weight (frozen, same state-dict
+    :class:`~zo2_lightning.peft.lora.LoRALinear` that keeps the original weight (frozen, same state-dict
     name) and adds ``lora_A`` (r x in, Kaiming uniform) and ``lora_B`` (out x r, zero): the model's output is
     unchanged until B moves. ``merge_lora(model)`` folds the adapters back for ``save_pretrained``.
 
@@ -148,7 +148,7 @@ def prefix(model: nn.Module, num_tokens: int = 5, init: str = "real", seed: int 
 
     Each block's self-attention gets ``prefix_keys`` and ``prefix_values`` (``(kv_heads, num_tokens,
     head_dim)``) and a forward pre-hook that makes it attend to them as if they were cached tokens before
-    the input (:mod:`zo2_lightning.prefix_cache`; no attention code is rewritten). Every query sees the
+    the input (:mod:`zo2_lightning.peft.prefix`; no attention code is rewritten). Every query sees the
     prefix; positions are unchanged. Outputs change by design, even at initialisation.
 
     ``init="real"`` (MeZO's ``--prefix_init_by_real_act``): run the model once on ``num_tokens`` random
