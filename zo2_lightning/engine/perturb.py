@@ -1,7 +1,7 @@
 """The SPSA arithmetic: perturbed copies, the projected gradient and the SGD update.
 
-Written once so every path (lockstep step, deferred update, flush) rounds identically; the formulas are
-the ones in DESIGN.md and the tests recompute them independently in plain torch:
+Written once so every path (lockstep step, deferred update, flush) rounds identically; the formulas are those of
+docs/architecture.md ("What the project does"), and the tests recompute them independently in plain torch:
 
     theta_s = theta + (s * eps) * z                       (s = +1 / -1, never written into theta)
     g       = (L+ - L-) / (2 * eps)                       (in float64, from the two losses)

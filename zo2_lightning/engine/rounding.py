@@ -6,7 +6,7 @@ An update of ~1e-6 is far below half an ulp of a bf16 weight of magnitude ~1e-2 
 round-to-nearest gives back the old weight and training stalls. Stochastic rounding picks the upper or
 lower neighbour with probability proportional to proximity, so the stored value is exact in expectation
 (E[SR(x)] = x) and small updates accumulate. The generator is seeded from (run seed, step, block), so a
-resumed run rounds identically (DESIGN.md decision 6).
+resumed run rounds identically (docs/architecture.md, "16-bit storage with stochastic rounding").
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Every consumer of z (the two perturbed forwards, the deferred update, the final flush, a resumed run, another
 rank) regenerates it from the same four integers, so no RNG state is ever saved or communicated
-(DESIGN.md decision 4).
+(docs/architecture.md, "Seeds, not RNG states").
 """
 
 from __future__ import annotations
