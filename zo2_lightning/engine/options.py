@@ -60,6 +60,9 @@ class EngineOptions:
             ``keep_directions``.
         force_copies: copy between separate host and working buffers even when both are on the CPU, so the
             transfer path runs without a GPU (tests).
+        simulated_device: run the transfer path on a simulated asynchronous device (:mod:`.simulated`) whose
+            scheduler has this seed: the CUDA schedule of streams, events and slot reuse, on the CPU, with every
+            copy as late as the schedule allows (tests). ``None``: the real device.
 
     Raises:
         ValueError: an unknown ``offload_device`` or ``storage_dtype``; ``"disk"`` without ``offload_dir`` (or the
@@ -82,6 +85,7 @@ class EngineOptions:
     keep_directions: bool = False
     regenerate_directions: bool = False
     force_copies: bool = False
+    simulated_device: int | None = None
 
     def __post_init__(self) -> None:
         if self.offload_device not in OFFLOAD_DEVICES:
@@ -117,8 +121,10 @@ class EngineOptions:
                 " other: choose one"
             )
         budget = None if self.max_gpu_memory is None else _integer("max_gpu_memory", self.max_gpu_memory)
+        simulated = None if self.simulated_device is None else _integer("simulated_device", self.simulated_device)
         for name, value in (("prefetch", prefetch), ("resident_blocks", resident), ("device_slots", slots),
                             ("disk_flush_every", flush_every), ("max_gpu_memory", budget),
+                            ("simulated_device", simulated),
                             ("storage_dtype", STORAGE_DTYPES[self.storage_dtype])):
             object.__setattr__(self, name, value)  # frozen: the normalised values replace the given spellings
         for name in ("stochastic_rounding", "keep_directions", "regenerate_directions", "force_copies"):

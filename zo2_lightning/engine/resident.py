@@ -1,6 +1,6 @@
 """The parameters outside the blocks (embeddings, final norm, head): always on the device, perturbed per run.
 
-``resident = ResidentParams(params, trainable, device, spsa)``; per step ``resident.prepare(step, eps, seeds, signs,
+``resident = ResidentParams(params, trainable, spsa)``; per step ``resident.prepare(step, eps, seeds, signs,
 perturbations)`` (or ``resident.prepare_trial(commits)``), ``resident.activate(perturbation)`` whenever a run takes
 its turn, ``resident.bind_plain()`` after the runs, ``resident.commit(c)`` at once for every commit;
 ``resident.restore()`` at detach.
@@ -34,19 +34,19 @@ class ResidentParams:
     Args:
         params: the parameters outside the blocks (only the trainable ones are packed; the rest stay as they are).
         trainable: the ``id`` of every trainable parameter.
-        device: the working device.
-        spsa: the arithmetic (and its ``keep_directions`` / ``regenerate_directions`` choice).
+        spsa: the arithmetic on the working device (its buffers come from ``spsa.ops``; its ``keep_directions`` /
+            ``regenerate_directions`` choice).
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], trainable: set[int], device: torch.device,
-                 spsa: UnitSPSA) -> None:
+    def __init__(self, params: Iterable[nn.Parameter], trainable: set[int], spsa: UnitSPSA) -> None:
         self.unit = Unit.build(RESIDENT_UNIT, [p for p in params if id(p) in trainable], trainable)
-        self.flats = self.unit.pack(device)
+        self._new = lambda: [spsa.ops.empty(w.numel(), w.dtype) for w in self.flats]  # noqa: E731
+        self.flats = self.unit.pack(spsa.device, allocate=spsa.ops.empty)
         self.unit.bind(self.flats)
         self.spsa = spsa
         self.regenerate = spsa.regenerate
         # z scratch (with regenerate also the one copy), only where it is kept between uses; else see _scratch
-        self.z = [torch.empty_like(w) for w in self.flats] if self.regenerate or spsa.keep_directions else None
+        self.z = self._new() if self.regenerate or spsa.keep_directions else None
         self._spare: list[torch.Tensor] | None = None  # scratch allocated on demand (a trial's z)
         self._z_key: tuple[int, int] | None = None  # (step, seed) of the z held in self.z
         self.copies: dict[Perturbation, list[torch.Tensor]] = {}  # each perturbed run's copy
@@ -71,7 +71,7 @@ class ResidentParams:
     def _reserve(self, perturbations: Sequence[Perturbation]) -> None:
         for p in perturbations:
             if p.sign != 0 and p not in self.copies:
-                self.copies[p] = [torch.empty_like(w) for w in self.flats]
+                self.copies[p] = self._new()
 
     def prepare(self, step: int, eps: float, seeds: Sequence[int], signs: Sequence[int],
                 perturbations: Sequence[Perturbation]) -> None:
@@ -132,7 +132,7 @@ class ResidentParams:
         if not besides_copies and self.copies:
             return next(iter(self.copies.values()))
         if self._spare is None:
-            self._spare = [torch.empty_like(w) for w in self.flats]
+            self._spare = self._new()
         return self._spare
 
     def restore(self) -> None:

@@ -1,6 +1,6 @@
 """SPSA on units: directions drawn per tensor, perturbed copies, and commits applied to flat buffers.
 
-``spsa = UnitSPSA(device, group_of, options, rule=AdamRule())``; ``spsa.size_for(units)``;
+``spsa = UnitSPSA(ops, group_of, options, rule=AdamRule())``; ``spsa.size_for(units)``;
 ``spsa.reserve(perturbations)``; ``zs = spsa.directions_of(unit, step, seeds)``, then per run
 ``spsa.perturb_one(unit, flats, zs[d], s * eps, spsa.views("P", unit))``; ``spsa.catch_up(unit, flats, commits)``;
 ``spsa.trial(unit, flats, commits, out)``; ``spsa.perturb(unit, flats, step, eps, seeds, out)`` (all copies at once)
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from zo2_lightning.engine.device import DeviceOps
 from zo2_lightning.engine.keys import Perturbation
 from zo2_lightning.engine.ledger import Commit
 from zo2_lightning.engine.options import EngineOptions
@@ -51,7 +52,7 @@ class UnitSPSA:
     """Draws, perturbs and updates units on one device.
 
     Args:
-        device: the working device (z is drawn there).
+        ops: the working device's operations (z is drawn there; scratch comes from ``ops.empty``).
         group_of: ``id(param) -> optimizer param group`` for every trainable parameter.
         options: the engine's options; this class reads ``storage_dtype`` (updated values are rounded to it at
             once), ``stochastic_rounding``, ``keep_directions``, ``regenerate_directions``, and where the rule's
@@ -61,9 +62,10 @@ class UnitSPSA:
         distribution: of z, ``"gaussian"`` (MeZO) or ``"rademacher"`` (see :func:`.seeds.draw_direction`).
     """
 
-    def __init__(self, device: torch.device, group_of: dict[int, int], options: EngineOptions,
+    def __init__(self, ops: DeviceOps, group_of: dict[int, int], options: EngineOptions,
                  rule: UpdateRule | None = None, distribution: str = "gaussian") -> None:
-        self.device = device
+        self.ops = ops
+        self.device = device = ops.device
         self.regenerate = options.regenerate_directions
         self._catch_up_scratch = "P" if self.regenerate else "z"
         self.distribution = distribution
@@ -105,7 +107,7 @@ class UnitSPSA:
             bufs = self._scratch.setdefault(name, {})
             for dt, n in self._sizes.items():
                 if n and (dt not in bufs or bufs[dt].numel() < n):
-                    bufs[dt] = torch.empty(n, dtype=dt, device=self.device)
+                    bufs[dt] = self.ops.empty(n, dt)
 
     def views(self, name: object, unit: Unit) -> list[torch.Tensor]:
         """Per segment, the first ``trainable_numel`` elements of scratch buffer ``name``."""
@@ -235,7 +237,7 @@ class UnitSPSA:
         for k, bufs in enumerate(self._spare):
             if [(b.dtype, b.numel()) for b in bufs] == shape:
                 return self._spare.pop(k)
-        return [torch.empty(n, dtype=dt, device=self.device) for dt, n in shape]
+        return [self.ops.empty(n, dt) for dt, n in shape]
 
     def apply(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor], c: Commit) -> None:
         """The rule's update of the unit's trainable tensors with ``grad = c.g * z``; z is consumed.

@@ -7,18 +7,22 @@ Each block owns one flat host buffer per dtype (pinned at its exact size when th
 :mod:`.pinned`), allocated once.
 When host and working device differ, a block is uploaded into one of a few reusable device slots on a
 dedicated upload stream and, if its values changed, written back on an offload stream; streams are ordered
-by events, never by a device-wide synchronize. When they are the same device (CPU training, or offloading
-switched off) the host buffer *is* the working buffer and every copy is skipped: the same code path runs.
+by events, never by a device-wide synchronize. The streams, events and copies go through :mod:`.device` (CUDA on a
+GPU, or the simulated asynchronous device of the tests); each wait is named after the race it prevents. When host
+and working device are the same (CPU training, or offloading switched off) the host buffer *is* the working buffer
+and every copy is skipped: the same code path runs.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from zo2_lightning.engine.device import DeviceOps
 from zo2_lightning.engine.disk import DiskStore
 from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.pinned import host_empty, serving
@@ -29,19 +33,12 @@ from zo2_lightning.engine.units import Unit
 class _DeviceSlot:
     buffers: dict[torch.dtype, torch.Tensor]
     block: int | None = None
-    ready: torch.cuda.Event | None = None  # upload finished (recorded on the upload stream)
-    free: torch.cuda.Event | None = None  # last reader / write-back finished; safe to overwrite
+    ready: Any = None  # event: upload finished (recorded on the upload stream)
+    free: Any = None  # event: last reader / write-back finished; safe to overwrite
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-
-@dataclass
-class _Streams:
-    upload: torch.cuda.Stream | None = None
-    offload: torch.cuda.Stream | None = None
-    host_ready: dict[int, torch.cuda.Event] = field(default_factory=dict)  # block -> write-back finished
 
 
 class BlockStreamer:
@@ -49,7 +46,7 @@ class BlockStreamer:
 
     Args:
         units: one per block, in block order.
-        device: the working device (where forwards run).
+        ops: the working device's operations (:mod:`.device`): where forwards run, and how copies reach it.
         options: the engine's options; this class reads where blocks live (``offload_device``, ``offload_dir``),
             ``pin_memory``, ``prefetch``, ``device_slots``, a fixed ``resident_blocks`` count (``"auto"`` starts at
             none, see :meth:`set_resident`), ``storage_dtype`` and ``force_copies``. With a ``storage_dtype``,
@@ -59,17 +56,18 @@ class BlockStreamer:
             (``release(i, write_back=True)``).
     """
 
-    def __init__(self, units: Sequence[Unit], device: torch.device, options: EngineOptions) -> None:
+    def __init__(self, units: Sequence[Unit], ops: DeviceOps, options: EngineOptions) -> None:
         self.units = list(units)
         self.disk = DiskStore(options.offload_dir, len(self.units)) if options.offload_dir is not None else None
-        self.device = device
+        self.ops = ops
+        self.device = device = ops.device
         self.host_device = torch.device("cpu") if options.offload else device
         self.storage_dtype = options.storage_dtype
         narrows = self.storage_dtype is not None and any(
             seg.dtype != self.storage_dtype for u in self.units for seg in u.segments
         )
         self.copies = (options.offload and device.type != "cpu") or options.force_copies or narrows \
-            or self.disk is not None
+            or self.disk is not None or options.simulated_device is not None
         self.pin = options.pins(device)
         self.prefetch_depth = options.prefetch
         self._n_slots = options.slot_count
@@ -82,8 +80,9 @@ class BlockStreamer:
         self._active: set[int] = set()
         self._prefetched: set[int] = set()  # uploaded ahead, not yet acquired
         self._stale: set[int] = set()  # resident blocks whose host copy lags the device copy
-        cuda = device.type == "cuda" and self.copies
-        self._streams = _Streams(torch.cuda.Stream(device), torch.cuda.Stream(device)) if cuda else _Streams()
+        self._upload_stream = ops.new_stream() if self.copies else None
+        self._offload_stream = ops.new_stream() if self.copies else None
+        self._host_ready: dict[int, Any] = {}  # block -> event: its write-back finished
         self._staging: dict[torch.dtype, torch.Tensor] = {}  # disk reads into a CUDA device pass through these
         self.bytes_uploaded = 0
         self.bytes_offloaded = 0
@@ -168,7 +167,7 @@ class BlockStreamer:
         return self._new_slot({seg.dtype: seg.numel for seg in self.units[i].segments})
 
     def _new_slot(self, sizes: dict[torch.dtype, int]) -> _DeviceSlot:
-        return _DeviceSlot({dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items()})
+        return _DeviceSlot({dt: self.ops.empty(n, dt) for dt, n in sizes.items()})
 
     def restore(self) -> None:
         """Give every parameter its own storage again, on the host device, in its own dtype, holding the host values."""
@@ -200,8 +199,7 @@ class BlockStreamer:
             slot = self._upload(i, self._free_slot(evict_prefetched=True))
         elif i in self._on_device:
             self._on_device.move_to_end(i)
-        if slot.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(slot.ready)  # upload -> compute
+        self.ops.wait(self.ops.compute_stream(), slot.ready, "upload->compute")
         return self._views(i, slot)
 
     def prefetch(self, i: int) -> None:
@@ -227,8 +225,8 @@ class BlockStreamer:
         slot = self._on_device[i]
         if dirty and write_back:
             self._write_back(i, slot)
-        elif slot.free is not None:
-            slot.free.record(torch.cuda.current_stream(self.device))  # compute done reading
+        else:
+            slot.free = self.ops.record(self.ops.compute_stream())  # compute done reading
         if dirty and not write_back:  # the slot holds values the host copy does not: never reuse them
             del self._on_device[i]
             slot.block = None
@@ -239,11 +237,15 @@ class BlockStreamer:
             return
         assert not self._active, "set_resident() while blocks are in use"
         want = set(range(min(max(0, int(n)), len(self.units))))
-        for i in sorted(self.resident - want):  # demote: host copy made current, slot freed
+        demoted = sorted(self.resident - want)
+        for i in demoted:  # demote: host copy made current, then the slot is freed
             if i in self._stale:
                 self._write_back(i, self._resident_slots[i])
                 self._stale.discard(i)
-            del self._resident_slots[i]
+        if demoted and self._offload_stream is not None:  # a freed buffer may be reused at once: no copy may
+            self.ops.synchronize(self._offload_stream, "write-back->free")  # still be reading it
+        for i in demoted:
+            self.ops.release(list(self._resident_slots.pop(i).buffers.values()))
         for i in sorted(want - self.resident):  # promote: its own slot, filled from the (current) host copy
             if i in self._on_device:
                 cached = self._on_device.pop(i)
@@ -260,8 +262,8 @@ class BlockStreamer:
         for i in sorted(self._stale):
             self._write_back(i, self._resident_slots[i])
         self._stale.clear()
-        if self._streams.offload is not None:
-            self._streams.offload.synchronize()  # outside the step loop: flush, checkpoint, teardown
+        if self._offload_stream is not None:  # outside the step loop: flush, checkpoint, teardown
+            self.ops.synchronize(self._offload_stream, "write-back->host")
 
     # ------------------------------------------------------------------ transfers
     def _views(self, i: int, slot: _DeviceSlot) -> list[torch.Tensor]:
@@ -289,23 +291,15 @@ class BlockStreamer:
         if i not in self.resident:
             self._on_device[i] = slot
         dst = self._views(i, slot)
-        up = self._streams.upload
         if self.disk is not None:
             self._read_block(i, dst)
-        elif up is None:  # CPU copy path: synchronous
-            for d, h in zip(dst, self.host[i]):
-                d.copy_(h)
         else:
-            with torch.cuda.stream(up):
-                if slot.free is not None:
-                    up.wait_event(slot.free)  # the slot's previous block is no longer read or written back
-                if i in self._streams.host_ready:
-                    up.wait_event(self._streams.host_ready.pop(i))  # our host copy is fully written back
-                for d, h in zip(dst, self.host[i]):
-                    d.copy_(h, non_blocking=True)
-                slot.ready = torch.cuda.Event()
-                slot.ready.record(up)
-                slot.free = torch.cuda.Event()
+            ops, up = self.ops, self._upload_stream
+            # the slot's previous block is no longer read or written back, and our host copy is fully written back
+            ops.wait(up, slot.free, "write-back->upload:slot")
+            ops.wait(up, self._host_ready.pop(i, None), "write-back->upload:host")
+            ops.copy(dst, self.host[i], up)
+            slot.ready, slot.free = ops.record(up), None
         self.bytes_uploaded += self._host_nbytes(self.units[i])
         return slot
 
@@ -343,21 +337,14 @@ class BlockStreamer:
 
     def _write_back(self, i: int, slot: _DeviceSlot) -> None:
         src = self._views(i, slot)
-        off = self._streams.offload
         if self.disk is not None:
             self.disk.write(i, [d.to("cpu", self._host_dtype(d.dtype)) for d in src])
-        elif off is None:
-            for h, d in zip(self.host[i], src):
-                h.copy_(d)
         else:
-            computed = torch.cuda.Event()
-            computed.record(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(off):
-                off.wait_event(computed)  # the update has been written on the compute stream
-                for h, d in zip(self.host[i], src):
-                    h.copy_(d, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(off)
+            ops, off = self.ops, self._offload_stream
+            ops.wait(off, ops.record(ops.compute_stream()), "compute->write-back")  # the update is written
+            ops.copy(self.host[i], src, off)
+            done = ops.record(off)
             slot.free = done  # the slot may be refilled only after the copy out
-            self._streams.host_ready[i] = done  # a re-upload of block i must wait for it
+            if done is not None:
+                self._host_ready[i] = done  # a re-upload of block i must wait for it
         self.bytes_offloaded += self._host_nbytes(self.units[i])

@@ -10,7 +10,7 @@ parameter's index among the unit's trainable tensors is the ``tensor`` part of i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,11 +106,14 @@ class Unit:
     def nbytes(self) -> int:
         return sum(seg.numel * seg.dtype.itemsize for seg in self.segments)
 
-    def pack(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """Copy the parameters' current values into new flat buffers on ``device`` (cast to ``dtype`` if given)."""
+    def pack(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None,
+             allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Copy the parameters' current values into new flat buffers on ``device`` (cast to ``dtype`` if given;
+        ``allocate(numel, dtype)`` makes the buffers where given, e.g. the working device's ``ops.empty``)."""
         flats = []
         for seg in self.segments:
-            flat = flat_empty(seg.numel, dtype or seg.dtype, device, pin)  # host: pinned at its exact size
+            n, dt = seg.numel, dtype or seg.dtype
+            flat = allocate(n, dt) if allocate is not None else flat_empty(n, dt, device, pin)  # host: exact size
             for span in seg.spans:
                 span.view(flat).copy_(span.param.data)
             flats.append(flat)

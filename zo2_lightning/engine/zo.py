@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from zo2_lightning.engine.device import CudaOps, DeviceOps
 from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, RunKey, step_perturbations
 from zo2_lightning.engine.ledger import Commit, CommitLedger
 from zo2_lightning.engine.options import EngineOptions
@@ -33,6 +34,7 @@ from zo2_lightning.engine.resident import ResidentParams
 from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rules import UpdateRule
 from zo2_lightning.engine.runs import StepRuns
+from zo2_lightning.engine.simulated import SimulatedDevice
 from zo2_lightning.engine.spsa import UnitSPSA
 from zo2_lightning.engine.streaming import BlockStreamer
 from zo2_lightning.engine.units import Unit
@@ -59,8 +61,8 @@ class ZOEngine:
             host memory with the blocks' host copies (on ``device`` without offload) and travel to the device
             with the block for its update; with disk offload every updated block is written back at once.
         distribution: of the directions z: ``"gaussian"`` (MeZO) or ``"rademacher"`` (+1/-1).
-        memory_probe: returns the peak device memory so far, for ``resident_blocks="auto"`` (default:
-            ``torch.cuda.max_memory_allocated``); injectable for tests.
+        memory_probe: returns the peak device memory so far, for ``resident_blocks="auto"`` (default: the device's
+            own count, ``torch.cuda.max_memory_allocated`` on CUDA); injectable for tests.
         materialize: ``materialize(block)`` is called on a block whose parameters are on the meta device just
             before it is packed, so a model larger than RAM can be built one block at a time. It must keep the
             Parameter objects (fill them with ``torch.utils.swap_tensors``): the optimizer holds them.
@@ -83,6 +85,7 @@ class ZOEngine:
         self.model = model
         self.blocks = list(blocks)
         self.device = torch.device(device)
+        self.ops = _device_ops(self.device, self.options)  # streams, events, copies, device buffers
         self.seed = int(seed)
         self.rule = rule if rule is not None else UpdateRule()
         self.distribution = distribution
@@ -114,7 +117,7 @@ class ZOEngine:
             raise RuntimeError("ZOEngine.attach() called twice")
         group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
         trainable = set(group_of)
-        self.spsa = UnitSPSA(self.device, group_of, self.options, self.rule, self.distribution)
+        self.spsa = UnitSPSA(self.ops, group_of, self.options, self.rule, self.distribution)
         for p in self.model.parameters():
             self._orig_devices[id(p)] = p.device
         for b in self.model.buffers():
@@ -125,17 +128,20 @@ class ZOEngine:
             block_param_ids.update(id(p) for p in unit.params)
             self.units.append(unit)
         self.ledger = CommitLedger(len(self.units))
-        self.streamer = BlockStreamer(self.units, self.device, self.options)
+        self.streamer = BlockStreamer(self.units, self.ops, self.options)
         self.streamer.offload(before_pack=self._materialize_block)
         # everything outside the blocks lives on the working device
         res_params = [p for p in self.model.parameters() if id(p) not in block_param_ids]
         for p in res_params:
             p.data = p.data.to(self.device)
+            if id(p) not in trainable:
+                self.ops.track(p.data)  # trainable ones are packed into the resident unit's own buffers
         for module in self.model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
-        self.resident_params = ResidentParams(res_params, trainable, self.device, self.spsa)
+                    self.ops.track(module._buffers[name])
+        self.resident_params = ResidentParams(res_params, trainable, self.spsa)
         self.spsa.size_for(self.units)
         self.spsa.reserve(step_perturbations(1))
         for i, block in enumerate(self.blocks):
@@ -239,7 +245,8 @@ class ZOEngine:
         assert self.spsa is not None and self.resident_params is not None
         self._runs = StepRuns(self.spsa, self.resident_params, self.units, self._arrive)
         try:
-            return self._runs.run(fn, perturbations, chunks, step, eps, seeds, one_sided, trial)
+            with self.ops.compute_scope():
+                return self._runs.run(fn, perturbations, chunks, step, eps, seeds, one_sided, trial)
         finally:
             self._runs = None
             self._release_all()
@@ -286,16 +293,14 @@ class ZOEngine:
         assert self.streamer is not None
         if not self.streamer.copies or not self.units:
             return  # nothing is copied: every block is already where it computes
-        probe = self._probe
-        if probe is None:
-            if self.device.type != "cuda":
-                return
-            probe = lambda: torch.cuda.max_memory_allocated(self.device)  # noqa: E731
+        peak = self._probe() if self._probe is not None else self.ops.peak_memory()
         budget = self.options.max_gpu_memory
-        if budget is None:
-            budget = int(0.9 * torch.cuda.get_device_properties(self.device).total_memory)
+        if budget is None and self.ops.total_memory() is not None:
+            budget = int(0.9 * self.ops.total_memory())
+        if peak is None or budget is None:
+            return  # the device does not count its memory (CPU): nothing to plan by
         block_bytes = max(u.nbytes for u in self.units)  # working dtype, on the device
-        n = blocks_that_fit(budget, probe(), block_bytes, len(self.units))
+        n = blocks_that_fit(budget, peak, block_bytes, len(self.units))
         self._release_all()
         self.streamer.set_resident(n)
 
@@ -417,3 +422,20 @@ class ZOEngine:
             self.flush()
         self.streamer.expose()  # disk offload: parked parameters read through file maps
 
+
+
+def _device_ops(device: torch.device, options: EngineOptions) -> DeviceOps:
+    """The device operations of a working device: the simulated device where the options ask for it (the CPU, or
+    the meta device for a dry run that only counts), CUDA's on a GPU, else synchronous copies.
+
+    Raises:
+        ValueError: ``simulated_device`` on a real accelerator.
+    """
+    if options.simulated_device is not None:
+        if device.type not in ("cpu", "meta"):
+            raise ValueError(f"simulated_device stands in for a GPU on the CPU (or counts on the meta device), not on"
+                             f" {device}: leave it None on a real accelerator")
+        return SimulatedDevice(device, seed=options.simulated_device)
+    if device.type == "cuda":
+        return CudaOps(device)
+    return DeviceOps(device)
