@@ -39,7 +39,7 @@ def build_examples(spec: TaskSpec, records: list[dict] | None) -> list[Example]:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
                 f"Task {spec.name!r}: record {i} ({sorted(record)[:8]}) does not fit the task's template ({err!r})."
-                f" Each record needs the fields of the HF dataset {spec.hf[0]!r}; see"
+                f" Each record needs the fields of the Hub dataset {spec.hf[0]!r}; see"
                 " zo2_lightning/tasks/templates.py for what the template reads."
             ) from err
         if example is not None:
@@ -53,8 +53,8 @@ class PromptDataModule(L.LightningDataModule):
     Args:
         task: a name from :data:`~zo2_lightning.tasks.templates.TASKS` (``sst2``, ``rte``, ..., ``sst2_mlm``).
         tokenizer: the model's tokenizer.
-        data_dir: folder with ``train``/``validation``(/``test``) jsonl, json or csv files; ``None`` loads the
-            task through HF ``datasets``.
+        data_dir: folder with ``train``/``validation``(/``test``) jsonl, json, csv or parquet files (or the Hub's
+            ``train-*.parquet`` shards); ``None`` loads the task's Hub dataset through HF ``datasets``.
         sampling: ``mezo`` (``num_train``/``num_dev``/``num_eval``) or ``k_shot`` (``k`` per label); ``None``:
             ``k_shot`` for masked tasks, ``mezo`` for the others.
         num_train: MeZO training examples.
