@@ -1,7 +1,8 @@
 """Shared by the config, entry-point, task and experiment tests: composing runs and stand-in models.
 
 ``cfg = compose_run(tmp_path, ["trainer=debug"])``; ``TeacherStub(tokenizer, favoured)`` scores
-continuations by construction so tests know the right scores without running a real model.
+continuations by construction so tests know the right scores without running a real model; ``StopAtStep`` kills a
+run at a chosen step.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 from types import SimpleNamespace
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from zo2_lightning.config import compose
@@ -94,3 +96,21 @@ def word_tokenizer(words):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", mask_token="<mask>")
+
+
+class Interrupt(RuntimeError):
+    """Raised by :class:`StopAtStep`: stands for the process dying."""
+
+
+class StopAtStep(Callback):
+    """A callback that kills the fit when step ``step`` is about to start, after everything before it (the
+    checkpoints of step ``step - 1`` included) is on disk: ``+callbacks.stop._target_=tests.run_helpers.StopAtStep
+    +callbacks.stop.step=5``. Lightning's ModelCheckpoint saves nothing on an exception, so the run directory is
+    what a SIGKILL at that moment would leave."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupt(f"stopped before step {self.step}")

@@ -1,5 +1,6 @@
 """A fit killed with SIGKILL at an arbitrary moment, resumed from its last checkpoint, ends bitwise equal to a fit
-that was never interrupted; every checkpoint file left behind is whole."""
+that was never interrupted; every checkpoint file left behind is whole. The data are the shipped synthetic
+datamodule's, shuffled, and the checkpoints fall mid-epoch as often as at epoch ends."""
 
 import os
 import random
@@ -14,13 +15,7 @@ import pytest
 import torch
 
 from tests import crash_script, tiny_models
-from tests.lit_helpers import (
-    TinyTask,
-    assert_params_equal,
-    clone_model,
-    loader,
-    trainer,
-)
+from tests.lit_helpers import assert_params_equal, clone_model, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,13 +51,13 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_fit(tmp_path, seed)
     for step in saved:  # a kill during a save leaves whole files (at worst a stray hidden .tmp)
         assert torch.load(tmp_path / f"step={step}.ckpt", weights_only=True)["global_step"] == step
 
-    batches = crash_script.batches()
-    uninterrupted = TinyTask(crash_script.ARCH, lr=crash_script.LR, weight_decay=crash_script.WEIGHT_DECAY)
+    task = crash_script.ChainTask
+    uninterrupted = task(crash_script.ARCH, lr=crash_script.LR, weight_decay=crash_script.WEIGHT_DECAY)
     initial = clone_model(uninterrupted)
-    trainer(max_steps=crash_script.STEPS).fit(uninterrupted, loader(batches))
+    trainer(max_steps=crash_script.STEPS, **crash_script.QUIET).fit(uninterrupted, crash_script.data())
 
-    resumed = TinyTask(crash_script.ARCH, lr=crash_script.LR, weight_decay=crash_script.WEIGHT_DECAY,
-                       model=tiny_models.build(crash_script.ARCH, seed=7)[0])  # another init: the checkpoint wins
-    trainer(max_steps=crash_script.STEPS, seed=999).fit(resumed, loader(batches),
-                                                        ckpt_path=tmp_path / f"step={saved[-1]}.ckpt")
+    resumed = task(crash_script.ARCH, lr=crash_script.LR, weight_decay=crash_script.WEIGHT_DECAY,
+                   model=tiny_models.build(crash_script.ARCH, seed=7)[0])  # another init: the checkpoint wins
+    trainer(max_steps=crash_script.STEPS, seed=999, **crash_script.QUIET).fit(
+        resumed, crash_script.data(), ckpt_path=tmp_path / f"step={saved[-1]}.ckpt")
     assert_params_equal(resumed.model, uninterrupted.model, initial)

@@ -64,13 +64,22 @@ def test_a_missing_local_split_names_the_expected_files(tmp_path):
 def test_hf_datasets_is_used_without_a_data_dir(monkeypatch):
     calls = []
 
-    def load_dataset(path, subset, split):
-        calls.append((path, subset, split))
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
         return [{"premise": "p", "hypothesis": "h", "label": 0}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     assert load_split(TASKS["rte"], "valid")[0]["premise"] == "p"
-    assert calls == [("super_glue", "rte", "validation")]
+    load_split(TASKS["trec_mlm"], "test")
+    assert calls == [("aps/super_glue", "rte", "validation", None),
+                     ("CogComp/trec", None, "test", "refs/convert/parquet")]  # its main branch is a loading script
+
+
+def test_every_task_names_a_maintained_hub_repository_not_a_legacy_script_name():
+    """`datasets` 4+ runs no loading scripts: the canonical names (glue, super_glue, squad, drop...) are gone."""
+    repos = {spec.hf[0] for spec in TASKS.values()}
+    assert all("/" in repo for repo in repos), sorted(repos)
+    assert {"nyu-mll/glue", "aps/super_glue", "google/boolq", "rajpurkar/squad", "ucinlp/drop"} <= repos
 
 
 def test_unreachable_hf_datasets_points_at_local_files(monkeypatch):

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from zo2_lightning.tasks.collate import ChoiceCollator, GenerateCollator, LMCollator, MaskedCollator
 from zo2_lightning.tasks.loading import load_split
+from zo2_lightning.tasks.order import train_loader
 from zo2_lightning.tasks.sampling import k_shot_sample, mezo_sample, sample_subset
 from zo2_lightning.tasks.templates import CLASSIFICATION, GENERATION, MASKED, TASKS, Example, TaskSpec
 
@@ -38,7 +39,7 @@ def build_examples(spec: TaskSpec, records: list[dict] | None) -> list[Example]:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
                 f"Task {spec.name!r}: record {i} ({sorted(record)[:8]}) does not fit the task's template ({err!r})."
-                f" Each record needs the fields of the HF dataset {spec.hf[0]!r}; see"
+                f" Each record needs the fields of the Hub dataset {spec.hf[0]!r}; see"
                 " zo2_lightning/tasks/templates.py for what the template reads."
             ) from err
         if example is not None:
@@ -52,15 +53,15 @@ class PromptDataModule(L.LightningDataModule):
     Args:
         task: a name from :data:`~zo2_lightning.tasks.templates.TASKS` (``sst2``, ``rte``, ..., ``sst2_mlm``).
         tokenizer: the model's tokenizer.
-        data_dir: folder with ``train``/``validation``(/``test``) jsonl, json or csv files; ``None`` loads the
-            task through HF ``datasets``.
+        data_dir: folder with ``train``/``validation``(/``test``) jsonl, json, csv or parquet files (or the Hub's
+            ``train-*.parquet`` shards); ``None`` loads the task's Hub dataset through HF ``datasets``.
         sampling: ``mezo`` (``num_train``/``num_dev``/``num_eval``) or ``k_shot`` (``k`` per label); ``None``:
             ``k_shot`` for masked tasks, ``mezo`` for the others.
         num_train: MeZO training examples.
         num_dev: MeZO dev examples (``None``: the task's MeZO default, 500, or 100 for CB and COPA).
         num_eval: test examples (MeZO: drawn from the validation split with seed 0).
         k: examples per label for ``k_shot`` (16 or 512 in MeZO's RoBERTa runs).
-        data_seed: MeZO's ``train_set_seed`` / LM-BFF's data seed.
+        data_seed: MeZO's ``train_set_seed`` / LM-BFF's data seed; also seeds the training order.
         batch_size: training examples per step (MeZO: 16).
         eval_batch_size: examples per validation/test batch (``None``: ``batch_size``).
         max_length: longest sequence in tokens (longer ones lose tokens on the left).
@@ -157,27 +158,23 @@ class PromptDataModule(L.LightningDataModule):
             return GenerateCollator(self.tokenizer, self.max_length - self.max_new_tokens)
         return ChoiceCollator(self.tokenizer, self.max_length)
 
-    def _loader(self, split: str, train: bool) -> DataLoader | list:
+    def _eval_loader(self, split: str) -> DataLoader | list:
         examples = self.splits[split]
         if not examples:
             return []
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            collate_fn=self.train_collator() if train else self.eval_collator(),
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.data_seed) if train else None,
-        )
+        return DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=self.eval_collator(),
+                          num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader | list:
-        return self._loader("train", train=True)
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by (data_seed, epoch), sharded over the ranks, resumable mid-epoch (:mod:`.order`)."""
+        return train_loader(self.splits["train"], batch_size=self.batch_size, seed=self.data_seed,
+                            collate_fn=self.train_collator(), num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("dev", train=False)
+        return self._eval_loader("dev")
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test", train=False)
+        return self._eval_loader("test")
 
 
 class _Blocks(torch.utils.data.Dataset):
@@ -206,7 +203,7 @@ class TextFileDataModule(L.LightningDataModule):
         batch_size: sequences per step.
         val_fraction: share of the blocks (taken from the end of the file) held out for validation and test.
         num_workers: DataLoader workers.
-        seed: shuffling seed.
+        seed: seed of the training order.
     """
 
     def __init__(
@@ -240,18 +237,15 @@ class TextFileDataModule(L.LightningDataModule):
         self.train_set = _Blocks(ids[:cut], self.block_size)
         self.val_set = _Blocks(ids[cut:], self.block_size)
 
-    def _loader(self, data: _Blocks, train: bool) -> DataLoader | list:
-        if not len(data):
-            return []
-        return DataLoader(data, batch_size=self.batch_size, shuffle=train, collate_fn=_lm_batch,
-                          num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed) if train else None)
-
-    def train_dataloader(self) -> DataLoader | list:
-        return self._loader(self.train_set, True)
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by (seed, epoch), sharded over the ranks, resumable mid-epoch (:mod:`.order`)."""
+        return train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, collate_fn=_lm_batch,
+                            num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, False)
+        if not len(self.val_set):
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=_lm_batch, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, False)
+        return self.val_dataloader()

@@ -1,10 +1,13 @@
-"""Reading a task's raw records: from local jsonl/json/csv files, or through HF ``datasets``.
+"""Reading a task's raw records: from local jsonl/json/csv/parquet files, or through HF ``datasets``.
 
 ``records = load_split(TASKS["rte"], "train", data_dir="data/rte")`` reads ``data/rte/train.jsonl`` (or
-``.json``/``.csv``); with ``data_dir=None`` it calls ``datasets.load_dataset("super_glue", "rte")``.
+``.json``/``.csv``/``.parquet``, or the Hub's parquet shards ``train-00000-of-00001.parquet``...); with
+``data_dir=None`` it calls ``datasets.load_dataset("aps/super_glue", "rte", split="train")``.
 
-Local files use the field names of the HF dataset (``premise``, ``hypothesis``, ``label`` for RTE), one record
-per line in jsonl. In csv, a cell holding JSON (``{"text": [...]}`` for SQuAD's ``answers``) is decoded.
+Local files use the field names of the task's Hub dataset (``premise``, ``hypothesis``, ``label`` for RTE), one
+record per line in jsonl. In csv, a cell holding JSON (``{"text": [...]}`` for SQuAD's ``answers``) is decoded.
+A folder of a downloaded Hub repository works as it is: point ``data_dir`` at the folder holding the task's
+shards (``glue/sst2`` of ``nyu-mll/glue``, ``data`` of ``google/boolq``).
 """
 
 from __future__ import annotations
@@ -16,26 +19,32 @@ from typing import Any
 
 from zo2_lightning.tasks.templates import TaskSpec
 
-_SUFFIXES = (".jsonl", ".json", ".csv")
+_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _ALIASES = {"valid": ("validation", "valid", "dev"), "train": ("train",), "test": ("test",)}
 
 
 class DataUnavailableError(RuntimeError):
-    """Raised when a split can be read neither from a local file nor through HF ``datasets``."""
+    """Raised when a split can be read neither from local files nor through HF ``datasets``."""
 
 
-def find_split_file(data_dir: str | Path, split: str) -> Path | None:
-    """The file holding ``split`` in ``data_dir`` (``valid`` also matches ``validation``/``dev``), or None."""
+def find_split_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The files holding ``split`` in ``data_dir`` (``valid`` also matches ``validation``/``dev``), or ``[]``.
+
+    One ``{name}.jsonl|json|csv|parquet`` file, else the Hub's parquet shards ``{name}-*.parquet`` in name order.
+    """
+    folder = Path(data_dir)
     for stem in _ALIASES.get(split, (split,)):
         for suffix in _SUFFIXES:
-            path = Path(data_dir) / f"{stem}{suffix}"
-            if path.is_file():
-                return path
-    return None
+            if (folder / f"{stem}{suffix}").is_file():
+                return [folder / f"{stem}{suffix}"]
+        shards = sorted(folder.glob(f"{stem}-*.parquet"))
+        if shards:
+            return shards
+    return []
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read every record of one jsonl, json (a list of objects) or csv file."""
+    """Read every record of one jsonl, json (a list of objects), csv or parquet file."""
     path = Path(path)
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
@@ -45,7 +54,20 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             return [{k: _decode_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    raise ValueError(f"{path}: use a .jsonl, .json or .csv file.")
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: use a .jsonl, .json, .csv or .parquet file.")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataUnavailableError(
+            f"{path}: reading parquet needs pyarrow. `pip install zo2_lightning[data]` (or pyarrow), or convert the"
+            " file to jsonl."
+        ) from err
+    return pq.read_table(path).to_pylist()  # structs become dicts, lists lists: the rows `datasets` yields
 
 
 def _decode_cell(value: str) -> Any:
@@ -65,8 +87,9 @@ def load_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None) -
     Args:
         spec: the task.
         split: ``train``, ``valid`` or ``test``.
-        data_dir: a folder with ``{split}.jsonl|json|csv`` files; ``None`` loads ``spec.hf`` through
-            HF ``datasets`` (which needs the package and either network access or its local cache).
+        data_dir: a folder with ``{split}.jsonl|json|csv|parquet`` files or the Hub's ``{split}-*.parquet``
+            shards; ``None`` loads ``spec.hf`` through HF ``datasets`` (which needs the package and either
+            network access or its local cache).
 
     Returns:
         The records, or ``None`` when the task has no such split (``test`` for most MeZO tasks).
@@ -74,16 +97,17 @@ def load_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None) -
     Raises:
         DataUnavailableError: when neither source can deliver a required split; the message names the fix.
     """
+    repo, config = spec.hf
     if data_dir is not None:
-        path = find_split_file(data_dir, split)
-        if path is not None:
-            return read_records(path)
+        paths = find_split_files(data_dir, split)
+        if paths:
+            return [record for path in paths for record in read_records(path)]
         if split == "test":
             return None
         stems = " or ".join(f"{stem}.jsonl" for stem in _ALIASES.get(split, (split,)))
         raise DataUnavailableError(
-            f"No {split} split of task {spec.name!r} in {data_dir}: expected {stems} (or .json/.csv) with the"
-            f" fields of the HF dataset {spec.hf[0]!r}."
+            f"No {split} split of task {spec.name!r} in {data_dir}: expected {stems} (or .json/.csv/.parquet, or the"
+            f" Hub's {_ALIASES.get(split, (split,))[0]}-*.parquet shards) with the fields of the Hub dataset {repo!r}."
         )
     if split not in spec.splits:
         return None
@@ -94,12 +118,13 @@ def load_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None) -
             f"Task {spec.name!r}: HF datasets is not installed. `pip install zo2_lightning[data]`, or give"
             f" local files with task.data_dir=PATH (train.jsonl, validation.jsonl)."
         ) from err
-    path, subset = spec.hf
+    where = f"{repo}" + (f" config {config!r}" if config else "") + (f" at {spec.revision!r}" if spec.revision else "")
     try:
-        dataset = datasets.load_dataset(path, subset, split=spec.splits[split])
+        dataset = datasets.load_dataset(repo, config, split=spec.splits[split], revision=spec.revision)
     except Exception as err:  # network, cache or hub errors come in many types
         raise DataUnavailableError(
-            f"Task {spec.name!r}: could not load {path}/{subset} split {spec.splits[split]!r} ({err}). Without"
-            f" network access give local files with task.data_dir=PATH (train.jsonl, validation.jsonl)."
+            f"Task {spec.name!r}: could not load {where} split {spec.splits[split]!r} ({err}). Without network"
+            f" access give local files with task.data_dir=PATH (train.jsonl, validation.jsonl, or the folder of"
+            f" the repository's {spec.splits[split]}-*.parquet files)."
         ) from err
     return [dict(row) for row in dataset]

@@ -18,6 +18,8 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from zo2_lightning.tasks.order import train_loader
+
 
 class SyntheticDataModule(L.LightningDataModule):
     """Sequences from a seeded random Markov chain.
@@ -30,7 +32,7 @@ class SyntheticDataModule(L.LightningDataModule):
         num_val: validation (and test) sequences.
         batch_size: sequences per step.
         p_follow: probability that a token is followed by its successor in the chain.
-        seed: seed of the chain and of the sequences.
+        seed: seed of the chain, of the sequences and of the training order.
     """
 
     kind = "lm"
@@ -83,15 +85,13 @@ class SyntheticDataModule(L.LightningDataModule):
         ids = torch.stack([r[0] for r in rows])
         return {"kind": "lm", "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=self._collate,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        """Shuffled by (seed, epoch), sharded over the ranks, resumable mid-epoch (:mod:`.order`)."""
+        return train_loader(self.sets["train"], batch_size=self.batch_size, seed=self.seed, collate_fn=self._collate,
+                            trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return DataLoader(self.sets["val"], batch_size=self.batch_size, collate_fn=self._collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self.val_dataloader()

@@ -48,7 +48,7 @@ class TaskSpec:
         name: the ``task=`` name.
         kind: one of CLASSIFICATION, MULTIPLE_CHOICE, GENERATION, MASKED.
         make: raw record -> :class:`Example`, or ``None`` to drop the record (unlabeled rows).
-        hf: ``(path, subset)`` for ``datasets.load_dataset``.
+        hf: ``(repository, config)`` of the task's Hugging Face Hub dataset, for ``datasets.load_dataset``.
         splits: our split name (``train``, ``valid``, ``test``) -> the dataset's split name.
         num_dev: MeZO's dev-set size for this task (100 where the train split is small).
         label_words: the verbalizer, for classification and masked tasks.
@@ -61,6 +61,7 @@ class TaskSpec:
     splits: Mapping[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation"})
     num_dev: int = 500
     label_words: tuple[str, ...] = ()
+    revision: str | None = None  # a branch of the repository whose files ``datasets`` can read without scripts
 
 
 def _label(record: Mapping[str, Any], key: str = "label") -> int | None:
@@ -210,30 +211,35 @@ def _spec(name: str, kind: str, make: Callable, hf: tuple[str, str | None], **kw
 
 
 _TEST = {"train": "train", "valid": "validation", "test": "test"}
+# The maintained Hub repositories of the datasets MeZO and LM-BFF loaded by their legacy names (glue, super_glue,
+# boolq, squad, drop, trec): the same rows and field names, stored as parquet/json files that current `datasets`
+# reads (it no longer runs loading scripts). CogComp/trec still ships a script: its parquet export branch is read.
+GLUE, SUPER_GLUE = "nyu-mll/glue", "aps/super_glue"
 TASKS: dict[str, TaskSpec] = {
     s.name: s
     for s in [
-        _spec("sst2", CLASSIFICATION, sst2, ("glue", "sst2"), label_words=SST2_WORDS),
-        _spec("rte", CLASSIFICATION, rte, ("super_glue", "rte"), label_words=RTE_WORDS),
-        _spec("cb", CLASSIFICATION, cb, ("super_glue", "cb"), num_dev=100, label_words=CB_WORDS),
-        _spec("boolq", CLASSIFICATION, boolq, ("boolq", None), label_words=("Yes", "No")),
-        _spec("wsc", CLASSIFICATION, wsc, ("super_glue", "wsc.fixed"), label_words=YES_NO),
-        _spec("wic", CLASSIFICATION, wic, ("super_glue", "wic"), label_words=YES_NO),
-        _spec("multirc", CLASSIFICATION, multirc, ("super_glue", "multirc"), label_words=YES_NO),
-        _spec("copa", MULTIPLE_CHOICE, copa, ("super_glue", "copa"), num_dev=100),
-        _spec("record", MULTIPLE_CHOICE, record, ("super_glue", "record")),
-        _spec("squad", GENERATION, squad, ("squad", None)),
-        _spec("drop", GENERATION, drop, ("drop", None)),
+        _spec("sst2", CLASSIFICATION, sst2, (GLUE, "sst2"), label_words=SST2_WORDS),
+        _spec("rte", CLASSIFICATION, rte, (SUPER_GLUE, "rte"), label_words=RTE_WORDS),
+        _spec("cb", CLASSIFICATION, cb, (SUPER_GLUE, "cb"), num_dev=100, label_words=CB_WORDS),
+        _spec("boolq", CLASSIFICATION, boolq, ("google/boolq", None), label_words=("Yes", "No")),
+        _spec("wsc", CLASSIFICATION, wsc, (SUPER_GLUE, "wsc.fixed"), label_words=YES_NO),
+        _spec("wic", CLASSIFICATION, wic, (SUPER_GLUE, "wic"), label_words=YES_NO),
+        _spec("multirc", CLASSIFICATION, multirc, (SUPER_GLUE, "multirc"), label_words=YES_NO),
+        _spec("copa", MULTIPLE_CHOICE, copa, (SUPER_GLUE, "copa"), num_dev=100),
+        _spec("record", MULTIPLE_CHOICE, record, (SUPER_GLUE, "record")),
+        _spec("squad", GENERATION, squad, ("rajpurkar/squad", None)),
+        _spec("drop", GENERATION, drop, ("ucinlp/drop", None)),
         # RoBERTa-large (masked LM) tasks of MeZO's medium-model experiments, LM-BFF templates.
-        _spec("sst2_mlm", MASKED, _sentiment_masked(SST2_WORDS), ("glue", "sst2"), label_words=SST2_WORDS),
+        _spec("sst2_mlm", MASKED, _sentiment_masked(SST2_WORDS), (GLUE, "sst2"), label_words=SST2_WORDS),
         _spec("sst5_mlm", MASKED, _sentiment_masked(SST5_WORDS), ("SetFit/sst5", None), splits=_TEST,
               label_words=SST5_WORDS),
         _spec("snli_mlm", MASKED, _nli_masked(NLI3_WORDS, "premise", "hypothesis"), ("stanfordnlp/snli", None),
               splits=_TEST, label_words=NLI3_WORDS),
-        _spec("mnli_mlm", MASKED, _nli_masked(NLI3_WORDS, "premise", "hypothesis"), ("glue", "mnli"),
+        _spec("mnli_mlm", MASKED, _nli_masked(NLI3_WORDS, "premise", "hypothesis"), (GLUE, "mnli"),
               splits={"train": "train", "valid": "validation_matched"}, label_words=NLI3_WORDS),
-        _spec("rte_mlm", MASKED, _nli_masked(RTE2_WORDS, "sentence1", "sentence2"), ("glue", "rte"),
+        _spec("rte_mlm", MASKED, _nli_masked(RTE2_WORDS, "sentence1", "sentence2"), (GLUE, "rte"),
               label_words=RTE2_WORDS),
-        _spec("trec_mlm", MASKED, trec_masked, ("trec", None), splits=_TEST, label_words=TREC_WORDS),
+        _spec("trec_mlm", MASKED, trec_masked, ("CogComp/trec", None), splits=_TEST, label_words=TREC_WORDS,
+              revision="refs/convert/parquet"),
     ]
 }
