@@ -195,7 +195,11 @@ def test_loggers(option):
 def test_default_callbacks():
     callbacks = instantiate_each(cfg_for().callbacks)
     names = sorted(type(c).__name__ for c in callbacks)
-    assert names == ["LearningRateMonitor", "ModelCheckpoint", "ThroughputMemoryMonitor"]
+    assert names == ["ModelCheckpoint", "SizeReport", "ThroughputMemoryMonitor", "_RichBar"]
+    # trainer=debug turns the bar off, and Lightning refuses a bar callback then: the entry builds nothing
+    assert "_RichBar" not in [type(c).__name__ for c in instantiate_each(cfg_for("trainer=debug").callbacks)]
+    with_lr = instantiate_each(cfg_for("callbacks=[default,lr_monitor]").callbacks)
+    assert "LearningRateMonitor" in [type(c).__name__ for c in with_lr]
 
 
 def _with_hydra(overrides):
