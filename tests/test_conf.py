@@ -3,6 +3,7 @@
 import copy
 import functools
 import importlib.util
+import re
 import tempfile
 import warnings
 
@@ -42,6 +43,13 @@ def _composed(overrides: tuple[str, ...], config_name: str = "train"):
 def cfg_for(*overrides: str, config_name: str = "train"):
     """A composed config (cached: composing takes ~0.3 s), copied so tests can change it."""
     return copy.deepcopy(_composed(tuple(overrides), config_name))
+
+
+def test_option_names_follow_one_rule():
+    """Lower case words joined by underscores (``bf16_mixed``, ``cpu_overlap``); model options keep the hub's
+    spelling of a model's name (``opt-1.3b``, ``roberta-large``)."""
+    bad = [f"{g}={o}" for g, o in OPTIONS if g != "model" and not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", o)]
+    assert not bad
 
 
 def test_every_group_is_covered():

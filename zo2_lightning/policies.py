@@ -40,7 +40,7 @@ class PrecisionPolicy:
         if str(self.trainer_precision) not in SUPPORTED_TRAINER_PRECISION:
             raise ValueError(
                 f"precision {self.trainer_precision!r} is not supported by zo2_offload: use one of"
-                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32, bf16-mixed or bf16_true)."
+                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32, bf16_mixed or bf16_true)."
             )
 
     def strategy_kwargs(self, strategy_cls: type | None = None) -> dict[str, Any]:
@@ -59,6 +59,6 @@ class PrecisionPolicy:
             if missing:
                 raise TypeError(
                     f"{strategy_cls.__name__} does not take {missing} yet: this precision policy needs an offload"
-                    " engine with 16-bit storage; use precision=fp32 or precision=bf16-mixed meanwhile."
+                    " engine with 16-bit storage; use precision=fp32 or precision=bf16_mixed meanwhile."
                 )
         return kwargs
