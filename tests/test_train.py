@@ -95,6 +95,14 @@ def test_eval_validates_a_task_split(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["zo_sgd", "zo_sgd_sign", "zo_sgd_cons", "zo_sgd_mmt", "zo_adam"])
+def test_every_optimizer_trains_the_default_model_at_its_preset_lr(optimizer, tmp_path):
+    """300 steps, as `python -m zo2_lightning.train optimizer=... trainer.max_steps=300` (zo_sgd_mmt diverged)."""
+    metrics, _ = train(compose_run(tmp_path, [f"optimizer={optimizer}", "trainer.max_steps=300", "callbacks=none"]))
+    assert metrics["train/loss_end"] < metrics["train/loss_start"] - 0.5
+
+
+@pytest.mark.slow
 def test_the_full_default_run_brings_the_loss_down(tmp_path):
     metrics, _ = train(compose_run(tmp_path))
     assert metrics["train/loss_end"] < metrics["train/loss_start"] - 1.0
