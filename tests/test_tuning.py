@@ -184,7 +184,7 @@ def test_eval_with_the_same_tuning_reproduces_the_checkpoints_test_score(mode, t
 
 
 def test_the_lora_targets_error_suggests_targets_that_work(tmp_path):
-    """RoBERTa names its projections query/key/value: the error must point at [query, value], and following it trains."""
+    """RoBERTa names its projections query/key/value: the error points at [query, value], and following it works."""
     from hydra.utils import instantiate
 
     from tests.run_helpers import suggested_overrides

@@ -29,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 GB = 1024**3
-_STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # ZO2OffloadStrategy(storage_dtype=...) names
+_STORAGE_DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,  # the strategy's
+                   "fp16": torch.float16, "float16": torch.float16}  # storage_dtype names; None: the parameters' dtype
 
 
 def peak_host_rss_bytes() -> int:
@@ -186,8 +187,8 @@ def step_transfer_bytes(trainer: L.Trainer) -> tuple[int, int, str] | None:
 
     up = passes * sum(nbytes(p) for block in streamed for p in block.parameters())
     down = sum(nbytes(p) for block in streamed for p in block.parameters() if p.requires_grad)
-    dtypes = sorted({str(storage or p.dtype).removeprefix("torch.") for p in params})
-    what = f"{len(streamed)} of {len(blocks)} blocks from {'disk' if where == 'disk' else 'host memory'} in {'/'.join(dtypes)}"
+    dtypes = "/".join(sorted({str(storage or p.dtype).removeprefix("torch.") for p in params}))
+    what = f"{len(streamed)} of {len(blocks)} blocks from {'disk' if where == 'disk' else 'host memory'} in {dtypes}"
     if resident == "auto":
         what += "; resident_blocks=auto keeps some on the device after the first step"
     return up, down, what
@@ -231,7 +232,7 @@ class SizeReport(L.Callback):
 
 class _RichBar(RichProgressBar):
     """Lightning's rich bar; the training bar says ``Epoch 3``, not ``Epoch 3/-2``, when epochs are unbounded
-    (Lightning's own fix, PR 21924, is in releases after 2.6)."""
+    (as Lightning's own fix, PR 21924, does in its later releases)."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = super()._get_train_description(current_epoch)
