@@ -12,8 +12,8 @@ status where present; the best run (highest best ``val/score``, else lowest best
 final training loss) is marked ``*``. The plots, made when the runs logged what they need (needs matplotlib:
 ``pip install zo2_lightning[plots]``):
 
-* ``<metric>_vs_<key>.png``: that ranking metric over a swept numeric override (one line per value of the
-  other swept overrides), e.g. ``val_loss_vs_optimizer.lr.png``;
+* ``<metric>_vs_<key>.png``: that ranking metric over a swept numeric override that is not a seed (one line per
+  value of the other swept overrides), e.g. ``val_loss_vs_optimizer.lr.png``;
 * ``memory_vs_size.png``: peak working-device memory against model size, one line per offload method;
 * ``throughput_vs_size.png``: tokens/s against model size, one line per offload method;
 * ``score_per_task.png``: test score (accuracy or F1, %) per task, one bar per run.
@@ -95,14 +95,36 @@ def _number(text: object) -> float | None:
         return None
 
 
+def axes(rows: list[dict], keys: list[str]) -> list[str]:
+    """The swept keys worth a plot: numeric, not a seed, and not tied one-to-one to another swept key (the
+    shape fields that come with each ``model=``); of keys tied to each other only the first, if all are numeric."""
+    def values(key: str) -> list:
+        return [r["overrides"].get(key) for r in rows]
+
+    def tied(a: str, b: str) -> bool:
+        pairs = set(zip(values(a), values(b)))
+        return len(pairs) == len(set(values(a))) == len(set(values(b)))
+
+    chosen, seen = [], set()
+    for key in keys:
+        if key in seen:
+            continue
+        group = [k for k in keys if k == key or tied(key, k)]
+        seen.update(group)
+        numeric = all(_number(v) is not None for k in group for v in values(k))
+        if numeric and not key.endswith("seed"):
+            chosen.append(key)
+    return chosen
+
+
 def plot_sweep(rows: list[dict], out: Path, plt) -> list[Path]:
-    """The ranking metric over each swept override with numeric values, one line per value of the others."""
+    """The ranking metric over each swept numeric override (:func:`axes`), one line per value of the others."""
     rank, (keys, _) = ranking(rows), swept(rows)
     if rank is None:
         return []
     metric, where, _ = rank
     written = []
-    for key in [k for k in keys if all(_number(r["overrides"].get(k)) is not None for r in rows)]:
+    for key in axes(rows, keys):
         others = [k for k in keys if k != key]
         lines = defaultdict(list)
         for r in rows:
