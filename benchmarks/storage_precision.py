@@ -1,6 +1,6 @@
 """CPU: do 16-bit weights lose MeZO updates? fp32 vs bf16 storage / bf16 weights, round-to-nearest vs stochastic.
 
-    python benchmarks/storage_precision.py                   # 4 seeds x 400 steps, ~5 minutes on 2 cores
+    python benchmarks/storage_precision.py                   # 4 seeds x 400 steps, ~5 minutes on 2 idle cores
     python benchmarks/storage_precision.py --seeds 0 --steps 50 --no-save
 
 A tiny OPT-style model fits a fixed set of token sequences with MeZO-SGD on its blocks (the resident
