@@ -3,7 +3,7 @@ bus's limit, all in one run of a few minutes.
 
     python benchmarks/gpu_offload.py --out $OUT/gpu_offload.json     # OPT 1.3b..30b, about 5 minutes on an H200
     python benchmarks/gpu_offload.py --sizes 1.3b,13b --precisions bf16_weights --steps 5
-    python benchmarks/gpu_offload.py --smoke --no-save                # CPU, tiny shapes, seconds: the same code paths
+    python benchmarks/gpu_offload.py --smoke                          # CPU, tiny shapes, seconds: the same code paths
     python benchmarks/gpu_offload.py --table-from gpu_offload.json    # the table of a run that was cut off
     bash benchmarks/gpu_all.sh                                        # the GPU machine's one command: this + GPU tests
 
@@ -27,7 +27,8 @@ then the mean of ``--steps``), tokens/s (batch x seq per step, counted once alth
 forwards), bytes uploaded and written back per step, and the link-bound step time (those bytes at the measured
 pinned rates). Sizes whose host copies do not fit the host RAM are skipped, and so are sizes that would
 overrun ``--budget-s``; a failing row (OOM, ...) is recorded and the run goes on. The rows go to ``--out`` as
-JSON after every row; the table is printed and appended to benchmarks/RESULTS.md at the end.
+JSON after every row; the table is printed and appended to benchmarks/RESULTS.md at the end (not by ``--smoke``,
+which only exercises the code: its table, of a CPU, is printed and never saved).
 """
 
 from __future__ import annotations
@@ -287,7 +288,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--bw-mib", type=int, default=1024, help="buffer size of the bandwidth test")
     default_out = os.path.join(os.environ["OUT"], "gpu_offload.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out, help="JSON of the rows, rewritten after each (default $OUT/...)")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, short sequences: the code paths only")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU, tiny shapes, short sequences: the code paths only (never appended to RESULTS.md)")
     ap.add_argument("--table-from", default=None, help="render the table of a saved JSON and exit")
     ap.add_argument("--no-save", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
@@ -295,6 +297,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.prefetch = [int(k) for k in args.prefetch.split(",") if k]
     args.steps = args.steps or (1 if args.smoke else 3)
+    args.no_save = args.no_save or args.smoke  # a smoke run measures nothing: it never writes RESULTS.md
     unknown = [p for p in args.precisions if p not in PRECISIONS]
     if unknown:
         ap.error(f"unknown precisions {unknown}: use {sorted(PRECISIONS)}")
@@ -311,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.table_from:
         result = json.loads(Path(args.table_from).read_text())
-        table = report(render(result), save=not args.no_save)
+        table = report(render(result), save=not (args.no_save or result["meta"].get("smoke")))
         Path(args.table_from).with_suffix(".md").write_text(table)
         return result
     bench = Bench(args)

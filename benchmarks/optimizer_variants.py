@@ -4,8 +4,8 @@
     python benchmarks/optimizer_variants.py --steps 50 --no-save
     python benchmarks/optimizer_variants.py --only ZO-Adam  # one row
 
-Each variant runs the default ``python -m zo2_lightning.train`` setting (tiny OPT, synthetic task, CPU, the
-model preset's lr for every variant) with the same seed and data through ``train(cfg)``, in a process of its own
+Each variant runs the default ``python -m zo2_lightning.train`` setting (tiny OPT, synthetic task, CPU, each
+optimizer at its preset lr for the model unless the name gives one) with the same seed and data through ``train(cfg)``, in a process of its own
 so its peak RSS is its own. The table gives the training loss at the start and the end (means of the first and
 last 5 logged values), the final validation loss, forwards per step, the wall time, the bytes of optimizer state
 the engine allocated (measured from its buffers) with that size relative to the trainable parameters, and the
@@ -28,10 +28,10 @@ VARIANTS = {  # name -> (overrides, forwards per step)
     "q-SPSA, q=2": (["optimizer=zo_sgd", "optimizer.q=2"], 4),
     "ZO-SGD-Sign": (["optimizer=zo_sgd_sign"], 2),
     "ZO-SGD-Cons": (["optimizer=zo_sgd_cons"], 5),
-    "ZO-SGD-MMT, lr 3e-3": (["optimizer=zo_sgd_mmt"], 2),
-    "ZO-SGD-MMT, lr 3e-4": (["optimizer=zo_sgd_mmt", "optimizer.lr=3e-4"], 2),  # lr / (1 - momentum) = 3e-3
-    "ZO-Adam, lr 3e-3": (["optimizer=zo_adam"], 2),
-    "ZO-Adam, lr 3e-4": (["optimizer=zo_adam", "optimizer.lr=3e-4"], 2),
+    "ZO-SGD-MMT": (["optimizer=zo_sgd_mmt"], 2),  # preset 3e-4: lr / (1 - momentum) = ZO-SGD's 3e-3
+    "ZO-SGD-MMT, lr 3e-3": (["optimizer=zo_sgd_mmt", "optimizer.lr=3e-3"], 2),  # ZO-SGD's lr: diverges
+    "ZO-Adam": (["optimizer=zo_adam"], 2),  # preset 1e-2
+    "ZO-Adam, lr 3e-3": (["optimizer=zo_adam", "optimizer.lr=3e-3"], 2),
 }
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     lines = [
         f"### optimizer_variants ({time.strftime('%Y-%m-%d %H:%M')}, CPU)",
         "",
-        f"default train setting (tiny OPT, synthetic task, the preset's lr 3e-3 unless the name says otherwise),"
+        f"default train setting (tiny OPT, synthetic task, each optimizer at its preset lr unless the name gives one),"
         f" {args.steps} steps per variant, same seed and data; each variant in its own process; a run that stops"
         " (10 non-finite steps in a row: diverged) shows its error",
         "",

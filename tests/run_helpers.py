@@ -8,6 +8,7 @@ run at a chosen step.
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import torch
@@ -23,6 +24,11 @@ VOCAB = 264  # the tiny models' vocabulary (the byte tokenizer has 261 tokens)
 def compose_run(tmp_path, overrides=(), config_name="train"):
     """A composed config whose run directory is ``tmp_path / "run"``."""
     return compose(config_name, list(overrides), output_dir=tmp_path / "run")
+
+
+def suggested_overrides(message: str) -> list[str]:
+    """The Hydra overrides an error message suggests, written in backticks (``model.tokenizer=null`` in backticks)."""
+    return re.findall(r"`([+~\w.]+=[^`\s]+)`", message)
 
 
 def favoured_logprob(vocab: int = VOCAB) -> float:

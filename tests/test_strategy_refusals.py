@@ -25,6 +25,18 @@ def test_unsupported_precision_is_refused(precision, needle):
     assert "precision='bf16-true'" in str(err.value)
 
 
+def test_16_mixed_on_cpu_is_replaced_by_bf16_mixed_before_the_strategy_sees_it():
+    """What the README says happens where: on CPU Lightning swaps 16-mixed for bf16-mixed (with a warning), which
+    the strategy supports, so the run trains; on a GPU the strategy refuses it (the test above)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    with pytest.warns(UserWarning, match="AMP with fp16 is not supported on CPU"):
+        fit = trainer(max_steps=1, precision="16-mixed")
+    assert isinstance(fit.precision_plugin, MixedPrecision) and fit.precision_plugin.precision == "bf16-mixed"
+    fit.fit(TinyTask(), loader(tiny_models.batches("opt", 1)))
+    assert fit.global_step == 1
+
+
 def test_manual_optimization_is_refused():
     class Manual(TinyTask):
         def __init__(self):

@@ -17,7 +17,7 @@ from zo2_lightning.tasks.toy_data import write_toy_task
 from zo2_lightning.train import read_metric_series, train
 
 RUN = ["trainer=debug", "trainer.max_steps=10", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-       "callbacks.model_checkpoint.save_top_k=-1", "callbacks.perf_monitor=null", "callbacks.lr_monitor=null"]
+       "callbacks.model_checkpoint.save_top_k=-1", "callbacks.perf_monitor=null"]
 SYNTHETIC = ["task.num_train=24", "task.batch_size=4", "task.seq_len=8"]
 KILL = ["+callbacks.stop._target_=tests.run_helpers.StopAtStep", "+callbacks.stop.step=7"]
 LOGGED = ("zo/loss_plus", "zo/loss_minus")

@@ -181,3 +181,21 @@ def test_eval_with_the_same_tuning_reproduces_the_checkpoints_test_score(mode, t
     ckpt = next((tmp_path / "train" / "run" / "checkpoints").glob("*.ckpt"))
     evaluated, _ = evaluate(compose_run(tmp_path / "eval", [*overrides, f"ckpt_path={ckpt}"], "eval"))
     assert evaluated["test/loss"] == metrics["test/loss"]  # the adapters / prefixes came back from the checkpoint
+
+
+def test_the_lora_targets_error_suggests_targets_that_work(tmp_path):
+    """RoBERTa names its projections query/key/value: the error points at [query, value], and following it works."""
+    from hydra.utils import instantiate
+
+    from tests.run_helpers import suggested_overrides
+
+    overrides = ["model=roberta_tiny", "tuning=lora"]
+    cfg = compose_run(tmp_path, overrides)
+    with pytest.raises(ValueError, match="no linear layer named") as err:
+        instantiate(cfg.tuning, _convert_="all")(instantiate(cfg.model, _convert_="all").model)
+    fix = suggested_overrides(str(err.value))
+    assert fix == ["tuning.targets=[query,value]"], str(err.value)
+    cfg = compose_run(tmp_path, [*overrides, *fix])
+    model = instantiate(cfg.tuning, _convert_="all")(instantiate(cfg.model, _convert_="all").model)
+    layers = {n.rsplit(".", 2)[-2] for n in trainable(model)}
+    assert layers == {"query", "value"} and all(n.endswith(("lora_A", "lora_B")) for n in trainable(model))

@@ -1,12 +1,18 @@
-"""Memory and throughput of a ZO run, logged every step: what the ZO2 memory/throughput tables report.
+"""The callbacks of the default run (``callbacks/default.yaml``): memory and throughput, the run's size, a progress bar.
 
-``Trainer(callbacks=[ThroughputMemoryMonitor()])`` (``callbacks/perf_monitor.yaml``).
+``Trainer(callbacks=[ThroughputMemoryMonitor(), SizeReport(), progress_bar()])``.
 
-Per training step it logs ``perf/step_time_s``, ``perf/tokens_per_s`` (tokens of the batch per wall second;
-each token goes through two forwards, one per sign), ``perf/peak_mem_gb`` (``torch.cuda.max_memory_allocated``
-on a CUDA working device, the process's peak resident set size otherwise) and, when the strategy's
-streamer exposes byte counters, ``perf/gb_uploaded`` / ``perf/gb_offloaded`` moved during the step.
-:attr:`ThroughputMemoryMonitor.summary` holds the run's means after the warm-up steps, for benchmarks.
+:class:`ThroughputMemoryMonitor` (``callbacks/perf_monitor.yaml``) logs, per training step,
+``perf/step_time_s``, ``perf/tokens_per_s`` (tokens of the batch per wall second; each token goes through two
+forwards, one per sign), ``perf/peak_mem_gb`` (``torch.cuda.max_memory_allocated`` on a CUDA working device,
+the process's peak resident set size otherwise) and, when the strategy's streamer exposes byte counters,
+``perf/gb_uploaded`` / ``perf/gb_offloaded`` moved during the step. :attr:`ThroughputMemoryMonitor.summary`
+holds the run's means after the warm-up steps, for benchmarks.
+
+:class:`SizeReport` (``callbacks/size_report.yaml``) prints on rank 0 when fit starts what the model summary
+(off by default) would not say: how many parameters train, the bytes each step moves between host and device,
+and the host memory in use. :func:`progress_bar` (``callbacks/progress_bar.yaml``) is Lightning's progress bar
+without the negative epoch total Lightning 2.6's rich bar shows for ``max_epochs=-1`` (``Epoch 3/-2``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 GB = 1024**3
 
@@ -124,3 +133,123 @@ class ThroughputMemoryMonitor(L.Callback):
             moved = self._moved[skip:] or self._moved
             self.summary["gb_uploaded_per_step"] = sum(m[0] for m in moved) / len(moved) / GB
             self.summary["gb_offloaded_per_step"] = sum(m[1] for m in moved) / len(moved) / GB
+
+
+def current_host_rss_bytes() -> int:
+    """Resident set size of this process now, in bytes (``/proc/self/statm``; the peak where that is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return peak_host_rss_bytes()
+
+
+def trainable_numel(trainer: L.Trainer, module: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of ``module``: trainable are those the optimizers hold with
+    ``requires_grad`` (all with ``requires_grad`` when there is no optimizer); shared tensors count once."""
+    params = {id(p): p for p in module.parameters()}
+    held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    trainable = [p for i, p in params.items() if p.requires_grad and (i in held or not trainer.optimizers)]
+    return sum(p.numel() for p in trainable), sum(p.numel() for p in params.values())
+
+
+def step_transfer_bytes(trainer: L.Trainer) -> tuple[int, int, str] | None:
+    """Bytes one optimizer step moves up to the working device and back, from the blocks' parameters.
+
+    Each streamed block goes up once per pass over the blocks in its storage dtype (all its parameters) and
+    comes back with its trainable parameters updated (only those are written back); ``ZOSGDCons`` makes a second
+    pass. Read from the strategy's ``engine_options`` and ``strategy.engine.blocks``.
+
+    Returns:
+        ``(up, down, what)`` with ``what`` saying what moves, or ``None`` for a strategy without ZO blocks.
+    """
+    strategy = trainer.strategy
+    blocks = list(getattr(getattr(strategy, "engine", None), "blocks", None) or [])
+    options = getattr(strategy, "engine_options", None)
+    if not blocks or options is None:
+        return None
+    device, where = strategy.root_device, options.offload_device
+    if where is None:
+        return 0, 0, f"every parameter stays on {device}"
+    storage = options.storage_dtype
+    params = [p for block in blocks for p in block.parameters()]
+    narrows = storage is not None and any(p.dtype != storage for p in params)
+    if where == "cpu" and device.type == "cpu" and not narrows:
+        return 0, 0, "a CPU working device reads the blocks where they live, in host memory"
+    resident = options.resident_blocks
+    streamed = blocks[resident if isinstance(resident, int) else 0:]
+    passes = 2 if any(getattr(opt, "conservative", False) for opt in trainer.optimizers) else 1
+
+    def nbytes(p: nn.Parameter) -> int:
+        return p.numel() * (storage or p.dtype).itemsize
+
+    up = passes * sum(nbytes(p) for block in streamed for p in block.parameters())
+    down = sum(nbytes(p) for block in streamed for p in block.parameters() if p.requires_grad)
+    dtypes = "/".join(sorted({str(storage or p.dtype).removeprefix("torch.") for p in params}))
+    what = f"{len(streamed)} of {len(blocks)} blocks from {'disk' if where == 'disk' else 'host memory'} in {dtypes}"
+    if resident == "auto":
+        what += "; resident_blocks=auto keeps some on the device after the first step"
+    return up, down, what
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def size_report(trainer: L.Trainer, module: nn.Module) -> str:
+    """The lines :class:`SizeReport` prints: trainable parameters, bytes moved per step, host memory in use."""
+    trainable, total = trainable_numel(trainer, module)
+    share = f" ({100 * trainable / total:.3g}%)" if total else ""
+    lines = [f"Trainable parameters: {trainable:,} of {total:,}{share}"]
+    moved = step_transfer_bytes(trainer)
+    if moved is not None:
+        up, down, what = moved
+        per_step = f"{_size(up)} up, {_size(down)} back" if up else "none"
+        lines.append(f"Moved per step: {per_step} ({what})")
+    lines.append(f"Host memory in use: {_size(current_host_rss_bytes())} (resident set of this process)")
+    return "\n".join(lines)
+
+
+class SizeReport(L.Callback):
+    """Prints :func:`size_report` on global rank 0 when fit starts (after the strategy has placed the model).
+
+    The text is kept in :attr:`text`.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.text = size_report(trainer, pl_module)
+            rank_zero_info(self.text)
+
+
+class _RichBar(RichProgressBar):
+    """Lightning's rich bar; the training bar says ``Epoch 3``, not ``Epoch 3/-2``, when epochs are unbounded
+    (as Lightning's own fix, PR 21924, does in its later releases)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs < 0:
+            description = description.replace(f"Epoch {current_epoch}/{max_epochs - 1}", f"Epoch {current_epoch}")
+        return description
+
+
+def progress_bar(enabled: bool = True) -> ProgressBar | None:
+    """The progress bar of a run: rich when ``rich`` is installed (as Lightning picks), else tqdm.
+
+    Args:
+        enabled: ``trainer.enable_progress_bar``; ``False`` returns ``None`` (no bar: Lightning refuses a progress
+            bar callback on a Trainer with the bar turned off).
+    """
+    if not enabled:
+        return None
+    try:
+        return _RichBar()
+    except ModuleNotFoundError:  # RichProgressBar without the rich package
+        return TQDMProgressBar()

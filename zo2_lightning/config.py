@@ -67,10 +67,12 @@ def compose(config_name: str = "train", overrides: Sequence[str] = (), output_di
 
 
 def instantiate_each(node: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a dict node (``callbacks``, ``logger``); skip the rest."""
+    """Instantiate every ``_target_`` entry of a dict node (``callbacks``, ``logger``); skip the rest, and the
+    entries whose factory returns ``None`` (a callback turned off by a setting)."""
     if not node:
         return []
-    return [instantiate(v, _convert_="all") for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    built = [instantiate(v, _convert_="all") for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [obj for obj in built if obj is not None]
 
 
 def accepts(node: DictConfig, name: str) -> bool:

@@ -126,6 +126,17 @@ def check_fits_in_host_memory(auto: Any, config: Any, dtype: torch.dtype) -> int
     return need
 
 
+def _vocab_fix(init: str, arch: str | None, tokens: int, vocab: int) -> str:
+    """What makes a tokenizer of ``tokens`` fit a model of ``vocab`` words, for the way the model was built."""
+    if init == "pretrained":  # the weights fix the vocabulary: shape is not read and overrides would not load
+        return (f"pretrained weights fix the vocabulary, so use the model's own tokenizer (`model.tokenizer=null`,"
+                f" the one saved beside it) or another with at most {vocab} tokens")
+    if arch:  # init=random from arch + shape
+        return f"raise the vocabulary of the random model (`model.shape.vocab_size={tokens}`)"
+    # init=random from name_or_path's config: shape is not read, overrides are
+    return f"raise the vocabulary of the random model (`++model.overrides.vocab_size={tokens}`)"
+
+
 def build_model(
     name_or_path: str | None = None,
     *,
@@ -194,8 +205,8 @@ def build_model(
 
     if len(tok) > model.config.vocab_size:
         raise ValueError(
-            f"The tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}: raise"
-            f" model.shape.vocab_size to at least {len(tok)} or pick the model's own tokenizer."
+            f"The tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}:"
+            f" {_vocab_fix(init, arch, len(tok), model.config.vocab_size)}."
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

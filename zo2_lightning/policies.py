@@ -39,7 +39,7 @@ class PrecisionPolicy:
         if str(self.trainer_precision) not in SUPPORTED_TRAINER_PRECISION:
             raise ValueError(
                 f"precision {self.trainer_precision!r} is not supported by zo2_offload: use one of"
-                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32, bf16-mixed or bf16_true)."
+                f" {SUPPORTED_TRAINER_PRECISION} (precision=fp32, bf16_mixed or bf16_true)."
             )
 
     def strategy_kwargs(self) -> dict[str, Any]:

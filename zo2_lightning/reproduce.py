@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,45 +54,65 @@ def run_config(overrides: Sequence[str], out_dir: str | Path, *, config_name: st
     return result
 
 
-def _read_overrides(run: Path) -> list[str]:
+def read_overrides(run: Path) -> dict[str, str]:
+    """A run folder's overrides as ``{key: value}`` (``overrides.yaml``, or Hydra's ``.hydra/overrides.yaml``)."""
     for path in (run / "overrides.yaml", run / ".hydra" / "overrides.yaml"):
         if path.is_file():
-            return list(yaml.safe_load(path.read_text()) or [])
-    return []
+            pairs = [str(item).lstrip("+~").partition("=") for item in yaml.safe_load(path.read_text()) or []]
+            return {key: value for key, _, value in pairs}
+    return {}
 
 
-def _last_values(metrics_csv: Path) -> dict[str, float]:
-    last: dict[str, float] = {}
-    peak: dict[str, float] = {}
+def higher_is_better(key: str) -> bool:
+    """Whether a larger value of metric ``key`` is better (scores, accuracies, throughput) or worse (losses)."""
+    return any(word in key.rsplit("/", 1)[-1] for word in ("score", "acc", "f1", "em", "tokens_per_s"))
+
+
+def read_metrics_csv(metrics_csv: Path, window: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+    """``(final, best)`` values of each metric a CSVLogger wrote.
+
+    ``final`` is the last logged value (the largest for ``perf/peak*``), plus ``train/loss_start`` and
+    ``train/loss_end``: the means of the first and last ``window`` logged training losses (one ZO step's loss
+    is noisy); ``best`` is the lowest loss / highest score over the run.
+    """
+    series: dict[str, list[float]] = {}
     with metrics_csv.open(newline="") as f:
         for row in csv.DictReader(f):
             for key, value in row.items():
-                if key in ("epoch", "step") or value in (None, ""):
-                    continue
-                last[key] = float(value)
-                if key.startswith("perf/peak"):
-                    peak[key] = max(peak.get(key, -math.inf), float(value))
-    return {**last, **peak}
+                if key not in ("epoch", "step") and value not in (None, ""):
+                    series.setdefault(key, []).append(float(value))
+    final = {k: (max(v) if k.startswith("perf/peak") else v[-1]) for k, v in series.items()}
+    losses = [v for v in series.get("train/loss", []) if math.isfinite(v)]
+    if losses:
+        n = min(window, len(losses))
+        final.update({"train/loss_start": sum(losses[:n]) / n, "train/loss_end": sum(losses[-n:]) / n})
+    finite = {k: [x for x in v if math.isfinite(x)] for k, v in series.items()}
+    best = {k: (max(v) if higher_is_better(k) else min(v)) for k, v in finite.items() if v}
+    return final, best
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def collect_runs(root: str | Path) -> list[dict[str, Any]]:
-    """One flat row per run folder below ``root``: its overrides as ``key=value`` columns, then metrics.
+    """One flat row per run folder below ``root``: ``run``, its overrides as ``key: value`` columns (and the
+    same as a dict under ``overrides``), its final metrics, and ``best``: each metric's best value.
 
-    A run's metrics are ``result.json`` when present (written by :func:`run_config`), else the last logged
-    value of each metric in ``csv/metrics.csv`` (the maximum for ``perf/peak*``).
+    Final metrics come from ``csv/metrics.csv`` (see :func:`read_metrics_csv`), updated by ``result.json``
+    when present (written by :func:`run_config`: status, model size, the run summary).
     """
     rows = []
-    for marker in sorted(Path(root).rglob("overrides.yaml")):
+    for marker in sorted(Path(root).rglob("overrides.yaml"), key=_natural):  # multirun jobs 0, 1, ..., 10
         run = marker.parent.parent if marker.parent.name == ".hydra" else marker.parent
-        row: dict[str, Any] = {"run": str(run)}
-        for item in _read_overrides(run):
-            key, _, value = item.lstrip("+~").partition("=")
-            row[key] = value
+        overrides = read_overrides(run)
+        row: dict[str, Any] = {"run": str(run), **overrides, "overrides": overrides, "best": {}}
+        for metrics_csv in sorted(run.rglob("metrics.csv")):
+            final, best = read_metrics_csv(metrics_csv)
+            row.update(final)
+            row["best"].update(best)
         if (run / "result.json").is_file():
             row.update(json.loads((run / "result.json").read_text()))
-        else:
-            for metrics_csv in run.rglob("metrics.csv"):
-                row.update(_last_values(metrics_csv))
         rows.append(row)
     return rows
 

@@ -10,8 +10,11 @@ only wires them together, and no DictConfig travels below it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import zo2_lightning  # noqa: F401  (registers the strategy names)
+from zo2_lightning.strategy.checkpoint_io import UnsafeCheckpointError
 from zo2_lightning.config import CONF_DIR, accepts, check_types, instantiate_each, to_plain
+from zo2_lightning.run_output import log_to_hydra, quiet_dependency_noise
+
+log = logging.getLogger(__name__)
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -41,6 +48,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         ValueError: for a numeric setting given as text (``trainer.max_steps=abc``), naming the override.
     """
     check_types(cfg)
+    quiet_dependency_noise()
     precision = instantiate(cfg.precision)
     bundle = instantiate(cfg.model, _convert_="all")
     if cfg.get("tuning"):  # which parameters train (full, LoRA, prefix, head): set before the module sees them
@@ -106,17 +114,36 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     objects = build(cfg)
     trainer: L.Trainer = objects["trainer"]
-    trainer.fit(objects["module"], datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+    weights_only = weights_only_of(cfg)
+    with weights_only_hint():
+        trainer.fit(objects["module"], datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"),
+                    weights_only=weights_only)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(loss_curve(objects["loggers"]))
     if cfg.get("test"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        trainer.test(objects["module"], datamodule=objects["datamodule"], ckpt_path=best, weights_only=False)
+        with weights_only_hint():
+            trainer.test(objects["module"], datamodule=objects["datamodule"], ckpt_path=best,
+                         weights_only=weights_only)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     perf = next((c for c in objects["callbacks"] if hasattr(c, "summary")), None)
     if perf is not None:
         metrics.update({f"perf/run_{k}": v for k, v in perf.summary.items()})
     return metrics, objects
+
+
+def weights_only_of(cfg: DictConfig) -> bool:
+    """Whether checkpoints load weights-only (``weights_only``, default true; false only for files you trust)."""
+    return bool(cfg.get("weights_only", True))
+
+
+@contextlib.contextmanager
+def weights_only_hint() -> Iterator[None]:
+    """Add the command-line opt-in to a refusal of a checkpoint that needs pickled code."""
+    try:
+        yield
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{err} From the command line: `weights_only=false`.") from err
 
 
 def report(metrics: dict[str, float], output_dir: str) -> str:
@@ -125,11 +152,24 @@ def report(metrics: dict[str, float], output_dir: str) -> str:
     return "\n".join(["Final metrics:", *lines, f"Logs and checkpoints: {output_dir}"])
 
 
+def print_report(metrics: dict[str, float], trainer: L.Trainer, output_dir: str) -> None:
+    """Print :func:`report` once, on global rank 0, through logging when Hydra set it up (console and the run's
+    log file), else to stdout."""
+    if not trainer.is_global_zero:
+        return
+    text = report(metrics, output_dir)
+    if logging.getLogger().handlers:
+        log.info(text)
+    else:
+        print(text)
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: run :func:`train` and print its metrics; returns ``cfg.optimized_metric`` if set."""
-    metrics, _ = train(cfg)
-    print(report(metrics, cfg.paths.output_dir))
+    log_to_hydra()
+    metrics, objects = train(cfg)
+    print_report(metrics, objects["trainer"], cfg.paths.output_dir)
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
 

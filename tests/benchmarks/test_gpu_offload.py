@@ -55,6 +55,17 @@ def test_past_the_time_budget_every_row_is_recorded_as_skipped(gpu, tmp_path):
     assert len(lines) == 20
 
 
+def test_a_smoke_run_never_writes_the_results_file(gpu, tmp_path, monkeypatch):
+    bench, _ = gpu
+    results = importlib.import_module("results")
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")  # where report() appends
+    (tmp_path / "RESULTS.md").write_text("# Benchmark results\n")
+    out = tmp_path / "rows.json"
+    bench.main(["--smoke", "--sizes", "1.3b", "--budget-s", "0", "--out", str(out)])  # no --no-save
+    bench.main(["--table-from", str(out)])  # a smoke run's saved rows, rendered again
+    assert (tmp_path / "RESULTS.md").read_text() == "# Benchmark results\n"
+
+
 def test_published_shapes_and_host_bytes(gpu, monkeypatch):
     _, h = gpu
     from zo2_lightning.engine import discover_blocks

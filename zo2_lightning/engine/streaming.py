@@ -337,14 +337,18 @@ class BlockStreamer:
 
     def _write_back(self, i: int, slot: _DeviceSlot) -> None:
         src = self._views(i, slot)
-        if self.disk is not None:
+        if self.disk is not None:  # a file is rewritten whole
             self.disk.write(i, [d.to("cpu", self._host_dtype(d.dtype)) for d in src])
-        else:
-            ops, off = self.ops, self._offload_stream
-            ops.wait(off, ops.record(ops.compute_stream()), "compute->write-back")  # the update is written
-            ops.copy(self.host[i], src, off)
-            done = ops.record(off)
-            slot.free = done  # the slot may be refilled only after the copy out
-            if done is not None:
-                self._host_ready[i] = done  # a re-upload of block i must wait for it
-        self.bytes_offloaded += self._host_nbytes(self.units[i])
+            self.bytes_offloaded += self._host_nbytes(self.units[i])
+            return
+        # only the trainable head of each segment can have changed: frozen tensors never go back
+        ops, off = self.ops, self._offload_stream
+        heads = [seg.trainable_numel for seg in self.units[i].segments]
+        ops.wait(off, ops.record(ops.compute_stream()), "compute->write-back")  # the update is written
+        ops.copy([h[:n] for h, n in zip(self.host[i], heads)], [d[:n] for d, n in zip(src, heads)], off)
+        done = ops.record(off)
+        slot.free = done  # the slot may be refilled only after the copy out
+        if done is not None:
+            self._host_ready[i] = done  # a re-upload of block i must wait for it
+        self.bytes_offloaded += sum(seg.trainable_numel * self._host_dtype(seg.dtype).itemsize
+                                    for seg in self.units[i].segments)

@@ -99,6 +99,20 @@ def head_only(model: nn.Module, untie: bool = True) -> nn.Module:
     return model
 
 
+# The attention's query and value projections (MeZO-LoRA's targets) as each model family names them.
+QUERY_VALUE_NAMES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("qkv_proj",),
+                     ("Wqkv",), ("q", "v"))
+
+
+def _targets_hint(names: Sequence[str]) -> str:
+    """The targets to pass for a block whose linear layers are ``names``: its query and value projections."""
+    for pair in QUERY_VALUE_NAMES:
+        if set(pair) <= set(names):
+            return (f"pass its query and value projections, targets={list(pair)} (Hydra:"
+                    f" `tuning.targets=[{','.join(pair)}]`)")
+    return "pass the names of its attention's query and value projections as targets (Hydra: tuning.targets=[...])"
+
+
 def lora(
     model: nn.Module, r: int = 8, alpha: float = 16, targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0
 ) -> nn.Module:
@@ -130,7 +144,7 @@ def lora(
         block = discover_blocks(model)[0]
         names = sorted({n.rpartition(".")[2] for n, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
         raise ValueError(f"lora: no linear layer named {list(targets)} in the blocks of {type(model).__name__};"
-                         f" its blocks have {names}: pass e.g. targets={names[:2]}.")
+                         f" its blocks have {names}: {_targets_hint(names)}.")
     _train_only(model, [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))])
     return model
 
