@@ -88,6 +88,39 @@ def test_a_model_without_discoverable_blocks_is_refused():
         _fit(Mlp())
 
 
+def test_a_model_without_blocks_trains_resident_and_a_streamed_one_is_pointed_there():
+    class Mlp(ZOModule, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(torch.ones(2, 4) * batch).mean()
+
+        def configure_optimizers(self):
+            return ZOSGD(self.parameters(), lr=1e-2)
+
+    module = Mlp()
+    before = module.net.weight.detach().clone()
+    L.Trainer(strategy="zo2_resident", accelerator="cpu", devices=1, max_steps=2, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(
+        module, torch.utils.data.DataLoader([torch.tensor(1.0), torch.tensor(2.0)], batch_size=None))
+    assert not torch.equal(module.net.weight, before)  # trained with every parameter resident
+    with pytest.raises(NoBlocksError, match="zo2_resident"):
+        _fit(Mlp())
+
+
+def test_backward_in_training_step_says_zo_needs_none():
+    class Backward(TinyTask):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            loss.backward()
+            return loss
+
+    with pytest.raises(RuntimeError, match="needs no backward pass.*Remove `loss.backward\\(\\)`"):
+        _fit(Backward())
+
+
 def test_a_training_step_returning_none_is_refused():
     class ReturnsNone(TinyTask):
         def training_step(self, batch, batch_idx):

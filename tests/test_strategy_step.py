@@ -120,6 +120,17 @@ def test_gradient_clip_val_clamps_the_projected_gradient():
     assert_params_equal(task.model, expected)
 
 
+def test_gradient_clipping_by_value_clips_the_projected_gradient_as_by_norm_does():
+    """For the scalar g the two algorithms are one clamp; Lightning's value pass over empty grads used to crash."""
+    batches = tiny_models.batches("opt", 2)
+    by_value = TinyTask("opt", lr=5e-3)
+    by_norm = TinyTask("opt", lr=5e-3, model=clone_model(by_value))
+    initial = clone_model(by_value)
+    trainer(max_steps=2, gradient_clip_val=1e-3, gradient_clip_algorithm="value").fit(by_value, loader(batches))
+    trainer(max_steps=2, gradient_clip_val=1e-3, gradient_clip_algorithm="norm").fit(by_norm, loader(batches))
+    assert_params_equal(by_value.model, by_norm.model, initial)
+
+
 def test_dropout_is_off_during_the_zo_forwards():
     cfg_model, _ = tiny_models.build("opt")
     cfg_model.config.dropout = 0.5

@@ -33,7 +33,8 @@ class ZOModule:
     """
 
     def zo_blocks(self) -> list[nn.Module]:
-        """The blocks to stream, in forward order. Override for a model without a standard layer stack.
+        """The blocks to stream, in forward order. Override for a model without a standard layer stack; return
+        ``[]`` to keep every parameter resident (what ``zo2_resident`` does for a model without blocks).
 
         Raises:
             NoBlocksError: if none can be discovered (the message shows the override to write).

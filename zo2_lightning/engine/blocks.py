@@ -50,6 +50,7 @@ def discover_blocks(model: nn.Module) -> list[nn.Module]:
         raise NoBlocksError(
             f"No repeated layer stack found in {type(model).__name__}: zo2_offload streams a model one block at a"
             " time and needs to know its blocks. Override `zo_blocks()` in your ZOModule to return them, e.g."
-            " `def zo_blocks(self): return list(self.model.layers)`."
+            " `def zo_blocks(self): return list(self.model.layers)`; or keep the whole model on the device"
+            " (strategy='zo2_resident', i.e. offload_device=None), which needs no blocks."
         )
     return blocks

@@ -1,7 +1,7 @@
 """What the zo2 strategies refuse, and the errors that name the fix.
 
-``check_configuration(trainer, module, precision_plugin)`` and ``check_step(optimizer, trainer, world_size,
-directions)`` at setup, ``zo_optimizer(strategy.optimizers)`` when fitting, ``check_same_model(checkpoint, module,
+``check_configuration(trainer, module, precision_plugin)``, ``clip_projected_gradient(trainer)`` and
+``check_step(optimizer, trainer, world_size, directions)`` at setup, ``zo_optimizer(strategy.optimizers)`` when fitting, ``check_same_model(checkpoint, module,
 path)`` on load, ``check_step_options(micro_batches, directions, max_consecutive_skips)`` at construction,
 ``scalar_loss(training_step_output)`` for every run's output. The engine's own options refuse themselves
 (:class:`zo2_lightning.engine.EngineOptions`).
@@ -15,6 +15,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import Tensor
 
 from zo2_lightning.module import ZOModule
@@ -104,6 +105,17 @@ def check_configuration(trainer: Trainer, module: LightningModule, plugin: Preci
             " (bf16 weights, updates in fp32 with stochastic rounding), 'bf16-mixed' (bf16 compute over fp32"
             " weights) or '32-true'."
         )
+
+
+def clip_projected_gradient(trainer: Trainer) -> None:
+    """Give ``gradient_clip_val`` its ZO meaning under either ``gradient_clip_algorithm``.
+
+    The ZO step clips the projected gradient g to ``[-c, c]`` (for a scalar, clipping by value and by norm are the
+    same thing). Lightning's own pass over the parameters' ``.grad``, which ZO never fills, is left to the norm
+    variant, which does nothing without gradients; its value variant fails on the empty list.
+    """
+    if trainer.gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+        trainer.gradient_clip_algorithm = GradClipAlgorithmType.NORM
 
 
 def check_same_model(checkpoint: dict[str, Any], module: LightningModule, path: _PATH) -> None:

@@ -88,7 +88,7 @@ class ZOStep:
             return module.training_step(parts[key.chunk], *args[1:], **kwargs)
 
         seeds = self.reduction.seeds(self.engine.seed, optimizer.q)
-        with self._forward_mode(module, log=True), self._step_context(), torch.no_grad():
+        with self._forward_mode(module, log=True), self._step_context(), torch.no_grad(), _no_backward():
             per_chunk = self.engine.run_chunks(run, global_step, optimizer.eps, seeds, chunks, optimizer.one_sided)
         self._measured.last_run = run if optimizer.conservative else None
         for outs in per_chunk:  # each micro-batch is measured as accumulate_grad_batches would measure it
@@ -202,6 +202,23 @@ class ZOStep:
 @contextmanager
 def _no_context() -> Iterator[None]:
     yield
+
+
+@contextmanager
+def _no_backward() -> Iterator[None]:
+    """Turn autograd's error for a ``loss.backward()`` inside ``training_step`` (the runs compute no graph) into
+    one that says why and what to remove."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "does not require grad" not in str(err):
+            raise
+        raise RuntimeError(
+            "training_step called backward() (or autograd.grad) on its loss, but zeroth-order training needs no"
+            " backward pass: zo2_offload runs training_step twice, at +eps and -eps, without gradients, and takes"
+            " the update from the two losses. Remove `loss.backward()` / `self.manual_backward(loss)` and return the"
+            " loss."
+        ) from err
 
 
 def _mean_output(outputs: list[Any]) -> Any:

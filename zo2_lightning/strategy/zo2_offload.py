@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from typing_extensions import override
 
-from zo2_lightning.engine import EngineOptions, ZOEngine
+from zo2_lightning.engine import EngineOptions, NoBlocksError, ZOEngine
 from zo2_lightning.optim import strategy_step
 from zo2_lightning.strategy.checkpoint import ResumeState, refuse_foreign_checkpoint
 from zo2_lightning.strategy.checkpoint_io import AtomicCheckpointIO
@@ -44,6 +44,7 @@ from zo2_lightning.strategy.collectives import broadcast_module_, reduction_for
 from zo2_lightning.strategy.refusals import (
     check_configuration,
     check_same_model,
+    clip_projected_gradient,
     check_step,
     check_step_options,
     zo_optimizer,
@@ -187,6 +188,7 @@ class ZO2OffloadStrategy(DDPStrategy):
     @override
     def setup(self, trainer: Trainer) -> None:
         check_configuration(trainer, self.lightning_module, self.precision_plugin)
+        clip_projected_gradient(trainer)
         if not self.is_multiprocess:
             # the Trainer injects a DistributedSampler into every DDPStrategy run (an isinstance check in
             # _AcceleratorConnector.is_distributed); one process keeps the user's sampler and its order
@@ -232,7 +234,7 @@ class ZO2OffloadStrategy(DDPStrategy):
             options = dataclasses.replace(options, offload_dir=os.path.join(options.offload_dir,
                                                                             f"rank{self.global_rank}"))
         self.engine = ZOEngine(
-            module, module.zo_blocks(), self.root_device, options,
+            module, self._blocks(module, options), self.root_device, options,
             seed=self._run_seed(),
             rule=optimizer.update_rule() if optimizer is not None else None,
             distribution=optimizer.direction if optimizer is not None else "gaussian",
@@ -252,6 +254,17 @@ class ZO2OffloadStrategy(DDPStrategy):
             micro_batches=self.micro_batches, max_consecutive_skips=self.max_consecutive_skips,
             step_context=self.precision_plugin.train_step_context, skipped_steps=self._skipped_steps,
         )
+
+    @staticmethod
+    def _blocks(module: Any, options: EngineOptions) -> list[torch.nn.Module]:
+        """The module's blocks; with everything on the device (``offload_device=None``) a model without a layer
+        stack is fine: nothing streams, so no block is needed."""
+        try:
+            return module.zo_blocks()
+        except NoBlocksError:
+            if options.offload:
+                raise
+            return []
 
     def _detach(self) -> None:
         """Flush and give the module back: hooks off, parameters on their original devices."""
