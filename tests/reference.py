@@ -23,13 +23,15 @@ from zo2_lightning.engine import spsa as engine_spsa
 from zo2_lightning.engine.spsa import HALF_DTYPES, HALF_TAG
 
 
-def seed_index(model: nn.Module, trainable: set[int] | None = None) -> dict[str, tuple[int, int]]:
-    """Parameter name -> (unit, tensor) for the trainable parameters (all with requires_grad by default)."""
+def seed_index(model: nn.Module, trainable: set[int] | None = None,
+               units: Sequence[nn.Module] | None = None) -> dict[str, tuple[int, int]]:
+    """Parameter name -> (unit, tensor) for the trainable parameters (all with requires_grad by default); ``units``:
+    the streamed units in order (default ``discover_blocks(model)``)."""
     names = {id(p): n for n, p in model.named_parameters()}
     is_trainable = (lambda p: id(p) in trainable) if trainable is not None else (lambda p: p.requires_grad)
     index: dict[str, tuple[int, int]] = {}
     in_blocks: set[int] = set()
-    for b, block in enumerate(discover_blocks(model)):
+    for b, block in enumerate(discover_blocks(model) if units is None else units):
         j = 0
         for p in block.parameters():
             in_blocks.add(id(p))
@@ -96,6 +98,7 @@ def mezo_reference(
     torch_optimizer=None,
     conservative: bool = False,
     choices: list[int] | None = None,
+    units: Sequence[nn.Module] | None = None,
 ) -> list[tuple[float, float, float]]:
     """Run MeZO in place on ``model`` (eval mode); one step per ``micro_batches`` batches.
 
@@ -113,12 +116,13 @@ def mezo_reference(
         conservative: ZO-SGD-Cons: the losses at theta - u, theta and theta + u (u = lr * (g z + wd theta)) on
             the step's batch decide which is kept (ties: the step, then none); the choice of each step is
             appended to ``choices`` as +1 / 0 / -1.
+        units: the streamed units whose order numbers z (default ``discover_blocks(model)``).
 
     Returns:
         (L+, L-, g) per step, with g averaged over the micro-batches of the step.
     """
     model.eval()
-    index = seed_index(model)
+    index = seed_index(model, units=units)
     params = dict(model.named_parameters())
     opt = torch_optimizer([params[n] for n in index]) if torch_optimizer is not None else None
     history = []

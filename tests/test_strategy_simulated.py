@@ -25,6 +25,7 @@ MATRIX = {
     "slots-prefetch+1": (dict(prefetch=1, device_slots=2), {}, 2),
     "slots-prefetch+2": (dict(prefetch=1, device_slots=3), {}, 2),
     "regenerate": (dict(prefetch=1, device_slots=2, regenerate_directions=True), {}, 2),
+    "split-least-memory": (dict(prefetch=1, device_slots=2, regenerate_directions=True, split_blocks=True), {}, 2),
     "keep": (dict(prefetch=0, keep_directions=True), {}, 2),
     "resident-fixed": (dict(prefetch=0, resident_blocks=1), {}, 2),
     "resident-auto": (dict(prefetch=0, resident_blocks="auto", max_gpu_memory=1 << 20), {}, 2),

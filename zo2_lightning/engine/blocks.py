@@ -1,6 +1,6 @@
 """Finding the blocks: the repeated layer stacks that are streamed one at a time.
 
-``blocks = discover_blocks(hf_model)``
+``blocks = discover_blocks(hf_model)``; ``units = split_blocks(blocks)`` (``EngineOptions(split_blocks=True)``)
 
 A block stack is an ``nn.ModuleList`` (or ``nn.Sequential``) of at least two children that each own
 parameters, and that does not sit inside another stack: ``model.decoder.layers`` in OPT, ``transformer.h``
@@ -54,3 +54,29 @@ def discover_blocks(model: nn.Module) -> list[nn.Module]:
             " (strategy='zo2_resident', i.e. offload_device=None), which needs no blocks."
         )
     return blocks
+
+
+def split_blocks(blocks: list[nn.Module], min_share: float = 0.01) -> list[nn.Module]:
+    """Each block's parts, streamed one at a time: its children that own parameters (looking through a nested
+    ``ModuleList``/``Sequential``), in registration order, which is the order a decoder layer calls them (OPT:
+    attention, fc1, fc2; Llama: attention, MLP). A part with under ``min_share`` of its block's parameters (a layer
+    norm) is left out, so it stays resident with the embeddings, and a block with a single part stays whole.
+
+    A device slot then holds the largest part instead of the largest block (OPT: a third of a layer), and so does
+    each block-sized scratch buffer, while every byte still crosses the bus once each way per step.
+    """
+    units: list[nn.Module] = []
+    for block in blocks:
+        parts = list(_parts(block))
+        total = sum(p.numel() for p in block.parameters())
+        kept = [m for m in parts if sum(p.numel() for p in m.parameters()) >= min_share * total]
+        units += kept if len(kept) > 1 else [block]
+    return units
+
+
+def _parts(module: nn.Module):
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            yield from _parts(child)
+        elif _owns_parameters(child):
+            yield child

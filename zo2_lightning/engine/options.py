@@ -38,6 +38,11 @@ class EngineOptions:
         pin_memory: page-lock the host copies so uploads and write-backs run asynchronously at the link's rate;
             each buffer is pinned at its exact size (see :mod:`.pinned`). ``None``: pin when the working device is
             CUDA.
+        split_blocks: stream each block in parts (:func:`.blocks.split_blocks`: a decoder layer's attention and MLP
+            layers, each uploaded, perturbed and written back on its own), so the device slots and the block-sized
+            scratch hold a part instead of a layer (OPT: a third): the same bytes on the bus, a third of their
+            buffers on the device. The parts are numbered as units of their own, so z is drawn per part: resume a
+            run with the setting it started with.
         prefetch: blocks uploaded ahead of the one computing, on a side stream (CUDA; CPU copies are synchronous).
         device_slots: device buffers for streamed blocks. ``None``: ``prefetch + 2`` (the block in use, the one
             being written back, the prefetched ones); ``prefetch + 1`` saves one block of device memory, each upload
@@ -76,6 +81,7 @@ class EngineOptions:
     offload_dir: str | None = None
     disk_flush_every: int = 16
     pin_memory: bool | None = None
+    split_blocks: bool = False
     prefetch: int = 1
     device_slots: int | None = None
     resident_blocks: int | str = 0
@@ -127,7 +133,8 @@ class EngineOptions:
                             ("simulated_device", simulated),
                             ("storage_dtype", STORAGE_DTYPES[self.storage_dtype])):
             object.__setattr__(self, name, value)  # frozen: the normalised values replace the given spellings
-        for name in ("stochastic_rounding", "keep_directions", "regenerate_directions", "force_copies"):
+        for name in ("split_blocks", "stochastic_rounding", "keep_directions", "regenerate_directions",
+                     "force_copies"):
             object.__setattr__(self, name, bool(getattr(self, name)))
 
     @classmethod

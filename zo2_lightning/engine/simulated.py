@@ -96,6 +96,7 @@ class SimulatedDevice(DeviceOps):
         self.allocated = 0
         self.peak_allocated = 0
         self.peak_temporaries = 0
+        self._engine_allocating = False
 
     # ------------------------------------------------------------------ streams and events
     def new_stream(self) -> _Stream:
@@ -196,7 +197,11 @@ class SimulatedDevice(DeviceOps):
             _poison(b)
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(numel, dtype=dtype, device=self.device)
+        self._engine_allocating = True  # made by the engine, for the engine: not one of the forwards' temporaries
+        try:
+            t = torch.empty(numel, dtype=dtype, device=self.device)
+        finally:
+            self._engine_allocating = False
         self._count(t, temporary=False)
         return t
 
@@ -252,6 +257,8 @@ class _CountAllocations(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.sim._engine_allocating:
+            return out
         inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):  # in-place, out= and view results share an input's storage: not new memory
             if isinstance(t, torch.Tensor) and _key(t) not in inputs and t.untyped_storage().nbytes():

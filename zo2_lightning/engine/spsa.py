@@ -77,7 +77,7 @@ class UnitSPSA:
         self._round = stochastic_round if options.stochastic_rounding else round_to_nearest
         self.rule = rule if rule is not None else UpdateRule()
         self.state = RuleState(self.rule, device, torch.device("cpu") if options.offload else device)
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device="cpu" if device.type == "meta" else device)  # meta: a dry run
         self._sizes: dict[torch.dtype, int] = {}
         self._scratch: dict[object, dict[torch.dtype, torch.Tensor]] = {}  # z_name(d), "P", "P2" -> per dtype
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from zo2_lightning.engine.blocks import split_blocks
 from zo2_lightning.engine.device import CudaOps, DeviceOps
 from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, RunKey, step_perturbations
 from zo2_lightning.engine.ledger import Commit, CommitLedger
@@ -52,7 +53,8 @@ class ZOEngine:
 
     Args:
         model: the root module (everything that is not inside a block stays on ``device``).
-        blocks: the modules streamed one at a time, in their usual forward order.
+        blocks: the modules streamed one at a time, in their usual forward order (each cut into its parts first with
+            ``split_blocks``).
         device: the working device.
         options: what to offload, where, and at what memory cost (:class:`.options.EngineOptions`, documented
             field by field there); ``None``: the defaults.
@@ -83,7 +85,7 @@ class ZOEngine:
     ) -> None:
         self.options = options if options is not None else EngineOptions()
         self.model = model
-        self.blocks = list(blocks)
+        self.blocks = split_blocks(list(blocks)) if self.options.split_blocks else list(blocks)
         self.device = torch.device(device)
         self.ops = _device_ops(self.device, self.options)  # streams, events, copies, device buffers
         self.seed = int(seed)
