@@ -134,10 +134,7 @@ def plot_sweep(rows: list[dict], out: Path, plt) -> list[Path]:
                 lines[label].append((_number(r["overrides"][key]), float(y)))
         if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for label, points in sorted(lines.items()):
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=label)
+        fig, ax = _lines(plt, lines)
         xs = [x for points in lines.values() for x, _ in points]
         if min(xs) > 0 and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
@@ -151,6 +148,15 @@ def plot_sweep(rows: list[dict], out: Path, plt) -> list[Path]:
         plt.close(fig)
         written.append(name)
     return written
+
+
+def _lines(plt, lines: dict[str, list[tuple[float, float]]]):
+    """A figure with one marked line per label, its points sorted by x."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    return fig, ax
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
@@ -171,10 +177,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                 lines[_method(r)].append((float(r["params"]) / 1e9, float(r[key])))
         if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method, points in sorted(lines.items()):
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=method)
+        fig, ax = _lines(plt, lines)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on narrow ranges
         ax.set_xlabel("parameters (billions)")

@@ -72,34 +72,27 @@ def test_a_lightning_module_without_zomodule_is_refused():
         _fit(Plain())
 
 
+class Mlp(ZOModule, L.LightningModule):
+    """No repeated layer stack: one linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        scale = batch if isinstance(batch, torch.Tensor) and batch.dim() == 0 else 1.0
+        return self.net(torch.ones(2, 4) * scale).mean()
+
+    def configure_optimizers(self):
+        return ZOSGD(self.parameters(), lr=1e-2)
+
+
 def test_a_model_without_discoverable_blocks_is_refused():
-    class Mlp(ZOModule, L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.net(torch.ones(2, 4)).mean()
-
-        def configure_optimizers(self):
-            return ZOSGD(self.parameters())
-
     with pytest.raises(NoBlocksError, match="Override `zo_blocks"):
         _fit(Mlp())
 
 
 def test_a_model_without_blocks_trains_resident_and_a_streamed_one_is_pointed_there():
-    class Mlp(ZOModule, L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.net(torch.ones(2, 4) * batch).mean()
-
-        def configure_optimizers(self):
-            return ZOSGD(self.parameters(), lr=1e-2)
-
     module = Mlp()
     before = module.net.weight.detach().clone()
     L.Trainer(strategy="zo2_resident", accelerator="cpu", devices=1, max_steps=2, logger=False,

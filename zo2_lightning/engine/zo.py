@@ -11,8 +11,8 @@ engine.detach()                                      # flushed, hooks off, param
 Plain torch: nothing here knows about Lightning or Hydra (docs/architecture.md, "Layers"). The engine owns *when*
 things happen to the parameters (deferred updates at a block's arrival, write-back, flush, commits);
 :mod:`.streaming` owns *where* they are; :mod:`.runs` (over :mod:`.lockstep`) what each perturbed run reads;
-:mod:`.resident` the parameters outside the blocks; :mod:`.spsa` the arithmetic on a unit;
-:mod:`.ledger` the pending updates; :mod:`.options` what it was asked to do.
+:mod:`.resident` the parameters outside the blocks (placed by :mod:`.placement`); :mod:`.spsa` the arithmetic on a
+unit; :mod:`.ledger` the pending updates; :mod:`.device` the streams and copies; :mod:`.options` what it was asked.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from zo2_lightning.engine.device import CudaOps, DeviceOps
 from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, RunKey, step_perturbations
 from zo2_lightning.engine.ledger import Commit, CommitLedger
 from zo2_lightning.engine.options import EngineOptions
+from zo2_lightning.engine.placement import Placement
 from zo2_lightning.engine.resident import ResidentParams
 from zo2_lightning.engine.residency import blocks_that_fit
 from zo2_lightning.engine.rules import UpdateRule
@@ -103,7 +104,7 @@ class ZOEngine:
         self.ledger = CommitLedger(0)
         self._active: dict[int, _Acquired] = {}  # blocks acquired from the streamer
         self._runs: StepRuns | None = None  # the perturbed runs of the step in progress
-        self._orig_devices: dict[int, torch.device] = {}
+        self._placement: Placement | None = None  # where the model's tensors were before attach
         self._handles: list[RemovableHandle] = []
         self.attached = False
 
@@ -120,10 +121,7 @@ class ZOEngine:
         group_of = {id(p): gi for gi, group in enumerate(trainable_groups) for p in group if p.requires_grad}
         trainable = set(group_of)
         self.spsa = UnitSPSA(self.ops, group_of, self.options, self.rule, self.distribution)
-        for p in self.model.parameters():
-            self._orig_devices[id(p)] = p.device
-        for b in self.model.buffers():
-            self._orig_devices[id(b)] = b.device
+        self._placement = Placement(self.model)
         block_param_ids: set[int] = set()
         for i, block in enumerate(self.blocks):
             unit = Unit.build(i, block.parameters(), trainable)
@@ -132,18 +130,8 @@ class ZOEngine:
         self.ledger = CommitLedger(len(self.units))
         self.streamer = BlockStreamer(self.units, self.ops, self.options)
         self.streamer.offload(before_pack=self._materialize_block)
-        # everything outside the blocks lives on the working device
-        res_params = [p for p in self.model.parameters() if id(p) not in block_param_ids]
-        for p in res_params:
-            p.data = p.data.to(self.device)
-            if id(p) not in trainable:
-                self.ops.track(p.data)  # trainable ones are packed into the resident unit's own buffers
-        for module in self.model.modules():
-            for name, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[name] = buf.to(self.device)
-                    self.ops.track(module._buffers[name])
-        self.resident_params = ResidentParams(res_params, trainable, self.spsa)
+        rest = self._placement.place_rest(self.device, block_param_ids, trainable, self.ops)
+        self.resident_params = ResidentParams(rest, trainable, self.spsa)
         self.spsa.size_for(self.units)
         self.spsa.reserve(step_perturbations(1))
         for i, block in enumerate(self.blocks):
@@ -163,15 +151,7 @@ class ZOEngine:
         assert self.streamer is not None and self.resident_params is not None
         self.streamer.restore()
         self.resident_params.restore()
-        for p in self.model.parameters():
-            dev = self._orig_devices.get(id(p))
-            if dev is not None and dev.type != "meta" and p.device != dev:  # materialized blocks stay on host
-                p.data = p.data.to(dev)
-        for module in self.model.modules():
-            for name, buf in module._buffers.items():
-                dev = self._orig_devices.get(id(buf)) if buf is not None else None
-                if dev is not None and dev.type != "meta" and buf.device != dev:
-                    module._buffers[name] = buf.to(dev)
+        self._placement.restore()
         self.resident_params, self.spsa = None, None
         self.units, self.streamer = [], None
         self.ledger, self._active = CommitLedger(0), {}
