@@ -99,10 +99,12 @@ class ZOStep:
             per_chunk = self.engine.run_chunks(run, global_step, optimizer.eps, seeds, chunks, optimizer.one_sided,
                                                perturbations=runs)
         self._measured.last_run = run if optimizer.conservative else None
+        mine = set(runs)
+        minus_of = (lambda d: Perturbation(0, 0)) if optimizer.one_sided else (lambda d: Perturbation(d, -1))
         for outs in per_chunk:  # each micro-batch is measured as accumulate_grad_batches would measure it
-            self._measured.losses.append({
-                seed: (_loss(plus), _loss(minus))  # sync point: g needs both on host
-                for seed, (plus, minus) in zip(seeds, outs)
+            self._measured.losses.append({  # sync point: g needs both on host
+                seed: (_loss(plus, Perturbation(d, +1) in mine), _loss(minus, minus_of(d) in mine))
+                for d, (seed, (plus, minus)) in enumerate(zip(seeds, outs))
             })
         first = runs[0]
         return _mean_output([outs[first.direction][0 if first.sign > 0 else 1] for outs in per_chunk])
@@ -160,12 +162,12 @@ class ZOStep:
     def _conservative(self, module: LightningModule, run: Run, commits: list[Commit]) -> tuple[list[Commit], int]:
         """ZO-SGD-Cons: the losses of the step, no step and the step reversed on the step's batch; returns the
         commits of the lowest (ties prefer the step, then no step) and which it was (+1, 0, -1)."""
+        runs = self.reduction.share(TRIAL_PERTURBATIONS)
         with self._forward_mode(module, log=None), self._step_context(), torch.no_grad():
-            per_chunk = self.engine.run_trial(run, commits, self.micro_batches,
-                                              perturbations=self.reduction.share(TRIAL_PERTURBATIONS))
+            per_chunk = self.engine.run_trial(run, commits, self.micro_batches, perturbations=runs)
         losses = self.reduction.values(  # None where another member of this rank's group made the run
-            [None if per_chunk[0][k] is None else sum(_loss(outs[k]) for outs in per_chunk) / len(per_chunk)
-             for k in range(3)]
+            [sum(_loss(outs[k], True) for outs in per_chunk) / len(per_chunk) if p in runs else None
+             for k, p in enumerate(TRIAL_PERTURBATIONS)]
         )
         if not all_finite(*losses):
             return [], 0  # nothing finite to compare: stay put
@@ -234,9 +236,10 @@ def _no_backward() -> Iterator[None]:
         ) from err
 
 
-def _loss(output: Any) -> float | None:
-    """A run's loss on the host; ``None`` where another member of this rank's group made the run."""
-    return None if output is None else scalar_loss(output).item()
+def _loss(output: Any, made: bool) -> float | None:
+    """The loss of a run this rank ``made`` on the host (an error naming the fix if there is none); ``None`` for a
+    run another member of its group made."""
+    return scalar_loss(output).item() if made else None
 
 
 def _mean_output(outputs: list[Any]) -> Any:
