@@ -1,13 +1,21 @@
-"""CPU: one rank with the whole batch against two gloo ranks with half of it each; bytes and time per step.
+"""CPU: one rank against gloo ranks in the data-parallel, perturbation-parallel and 2-D layouts; bytes and time per
+step.
 
-    python benchmarks/distributed_scaling.py                      # 6 layers, hidden 512 (OPT-style)
+    python benchmarks/distributed_scaling.py                      # 6 layers, hidden 512 (OPT-style), both tables
     python benchmarks/distributed_scaling.py --layers 2 --steps 6 # quick look
+    python benchmarks/distributed_scaling.py --tables perturbation
 
-Prints a table and appends it to benchmarks/RESULTS.md. Every run uses ``ZO2OffloadStrategy`` on the same
-model and the same total batch; the two-rank runs fork their ranks with Lightning's launcher (each rank gets
-``cores / 2`` threads, the one-rank run all cores, so the machine is the same). Per step it records the wall
-time between consecutive steps after ``--warmup``, the payload of every ``torch.distributed`` collective the
-rank issued, and the bytes the process wrote (``/proc/self/io``: gloo's socket writes, headers included).
+Prints the tables and appends them to benchmarks/RESULTS.md. Every run uses ``ZO2OffloadStrategy`` on the same
+model; the multi-rank runs fork their ranks with Lightning's launcher. Table ``data``: one rank with the whole
+batch against two ranks with half of it each (each rank gets ``cores / 2`` threads, the one-rank run all cores, so
+the machine is the same). Table ``perturbation``: every rank limited to one thread, so that on a 2-core machine
+2 ranks use the cores 1 rank could not: 1 rank making both runs of a step against 2 ranks in one group making one
+run each on the same batch (``perturbation_parallel=2``), 2 data-parallel ranks with half the batch each, and
+4 ranks as 2 groups x 2 (2-D) with half the batch per group (4 one-thread ranks on 2 cores are oversubscribed).
+Per step it records, on rank 0, the wall time between consecutive steps after ``--warmup``, the CPU time the
+process spent in it (its own work, which other load on a shared machine does not inflate the way it does the
+wall time), the payload of every ``torch.distributed`` collective the rank issued, and the bytes the process wrote
+(``/proc/self/io``: gloo's socket writes, headers included).
 """
 
 from __future__ import annotations
@@ -47,12 +55,15 @@ class Task(ZOModule, L.LightningModule):
 
 
 class StepMeter(L.Callback):
-    """On every rank: time, collective payload and bytes written between consecutive step starts."""
+    """On every rank: time, collective payload and bytes written between consecutive step starts; with
+    ``threads``, the rank's torch threads limited to that many."""
 
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, threads: int | None = None) -> None:
+        self.out_dir, self.threads = out_dir, threads
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         self.payload, self.marks, self.saved = 0, [], [(name, getattr(c10d, name)) for name in _COLLECTIVES]
         for name in _COLLECTIVES:  # c10d too: broadcast_object_list & co. call these through module globals
             original = getattr(c10d, name)
@@ -69,7 +80,7 @@ class StepMeter(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         with open("/proc/self/io") as f:
             written = int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
-        self.marks.append((time.perf_counter(), self.payload, written))
+        self.marks.append((time.perf_counter(), self.payload, written, time.process_time()))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for name, original in self.saved:
@@ -89,21 +100,35 @@ def model_and_data(args: argparse.Namespace, total_batch: int) -> tuple[OPTForCa
     return model, [{"input_ids": row, "labels": row} for row in ids]
 
 
-def run(args: argparse.Namespace, ranks: int, directions: str) -> dict[str, float]:
-    total = args.batch
-    model, data = model_and_data(args, total)
+def run(args: argparse.Namespace, ranks: int, batch: int, directions: str = "shared", group: int = 1,
+        threads: int | None = None) -> dict[str, float]:
+    """``ranks`` ranks in groups of ``group`` (perturbation_parallel), ``batch`` examples per group and step."""
+    model, data = model_and_data(args, batch * ranks // group)
     out_dir = tempfile.mkdtemp()
-    strategy = ZO2OffloadStrategy(seed=0, directions=directions, start_method="fork")
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=ranks, max_steps=args.steps + args.warmup + 1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[StepMeter(out_dir)])
-    trainer.fit(Task(model), DataLoader(data, batch_size=total // ranks))
+    strategy = ZO2OffloadStrategy(seed=0, directions=directions, perturbation_parallel=group, start_method="fork")
+    saved = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    if threads is not None:  # Lightning's launcher leaves the threads alone when OMP_NUM_THREADS is set
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    try:
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=ranks,
+                            max_steps=args.steps + args.warmup + 1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[StepMeter(out_dir, threads)])
+        trainer.fit(Task(model), DataLoader(data, batch_size=batch))
+    finally:
+        if saved[0] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[0]
+        torch.set_num_threads(saved[1])
     marks = torch.load(os.path.join(out_dir, "rank0.pt"))[args.warmup:]
     deltas = [[b - a for a, b in zip(m0, m1)] for m0, m1 in zip(marks, marks[1:])]
     return {
         "step_ms": 1e3 * statistics.median(d[0] for d in deltas),
         "payload": statistics.median(d[1] for d in deltas),
         "written": statistics.median(d[2] for d in deltas),
+        "cpu_ms": 1e3 * statistics.median(d[3] for d in deltas),  # rank 0's CPU time: its work, whatever the load
         "params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -117,27 +142,46 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tables", nargs="+", choices=["data", "perturbation"], default=["data", "perturbation"])
+    parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
-    rows = [(f"1 rank x batch {args.batch}", run(args, 1, "shared"))]
-    rows.append((f"2 ranks x batch {args.batch // 2}, shared z", run(args, 2, "shared")))
-    rows.append((f"2 ranks x batch {args.batch // 2}, independent z", run(args, 2, "independent")))
-    base = rows[0][1]["step_ms"]
-    params = rows[0][1]["params"]
+    b, half = args.batch, args.batch // 2
+    lines = []
+    if "data" in args.tables:
+        rows = [(f"1 rank x batch {b}", run(args, 1, b))]
+        rows.append((f"2 ranks x batch {half}, shared z", run(args, 2, half)))
+        rows.append((f"2 ranks x batch {half}, independent z", run(args, 2, half, "independent")))
+        lines += _table(args, "data parallel: the total batch split over the ranks; 1 rank all cores, each of 2"
+                              " ranks half of them", rows)
+    if "perturbation" in args.tables:
+        rows = [(f"1 rank x batch {b} (both runs of a step)", run(args, 1, b, threads=1))]
+        rows.append((f"2 ranks, 1 group x batch {b} (perturbation_parallel=2: one run each)",
+                     run(args, 2, b, group=2, threads=1)))
+        rows.append((f"2 ranks x batch {half}, shared z (data parallel)", run(args, 2, half, threads=1)))
+        rows.append((f"4 ranks, 2 groups x 2, batch {half} per group (2-D)", run(args, 4, half, group=2, threads=1)))
+        lines += _table(args, f"one thread per rank: the same global batch of {b} in every row; 2 ranks use 2"
+                              " cores, 4 ranks share them", rows)
+    report(lines, save=not args.no_save)
+
+
+def _table(args: argparse.Namespace, what: str, rows: list[tuple[str, dict[str, float]]]) -> list[str]:
+    base, base_cpu, params = rows[0][1]["step_ms"], rows[0][1]["cpu_ms"], rows[0][1]["params"]
     lines = [
         f"### distributed_scaling ({time.strftime('%Y-%m-%d %H:%M')}, CPU, {os.cpu_count()} cores, gloo)",
         "",
         f"OPT-style model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {params / 1e6:.1f} M"
-        f" params ({4 * params / 2**20:.0f} MiB fp32); total batch {args.batch} x seq {args.seq}; median of"
-        f" {args.steps} steps after {args.warmup} warm-up steps",
+        f" params ({4 * params / 2**20:.0f} MiB fp32); seq {args.seq}; {what}; median of {args.steps} steps after"
+        f" {args.warmup} warm-up steps",
         "",
-        "| run | median step (ms) | step / 1-rank step | collective payload per step (B) | bytes written per step (B) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| run | median step (ms) | step / 1-rank step | rank 0 CPU per step (ms) | CPU / 1-rank CPU |"
+        " collective payload per step (B) | bytes written per step (B) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base:.3f} | {r['payload']:.0f} |"
-                     f" {r['written']:.0f} |")
-    report(lines, save=True)
+        lines.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base:.3f} | {r['cpu_ms']:.1f} |"
+                     f" {r['cpu_ms'] / base_cpu:.3f} | {r['payload']:.0f} | {r['written']:.0f} |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import torch.nn.functional as F
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import OPTConfig, OPTForCausalLM
 
@@ -97,6 +99,7 @@ class RankRecorder(L.Callback):
             "step_calls": steps,
             "step_written": written,
             "setup_written": (self.marks[0][1] if self.marks else _bytes_written()) - self.setup_mark,
+            "record": getattr(pl_module, "record", None),  # what a recording task noted (RunLog)
         }, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
@@ -107,6 +110,41 @@ class QTask(TinyTask):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"]).logits  # (B, T, V)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+
+class RunLog(QTask):
+    """QTask that notes, per ``training_step`` call, the step, the run (direction, sign, micro-batch) and the rows
+    of its batch, and logs its loss with ``sync_dist=True``: a collective inside the runs, which
+    every rank must issue as often."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.record: list[tuple[int, tuple[int, int, int], list[list[int]]]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        key = self.trainer.strategy.engine.run_key
+        self.record.append((self.trainer.global_step, tuple(key), batch["input_ids"].tolist()))
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+
+class RecordingIO(TorchCheckpointIO):
+    """Notes the rank of every checkpoint write in ``writes.txt`` beside the checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        with open(os.path.join(os.path.dirname(path), "writes.txt"), "a") as f:
+            f.write(f"{rank_zero_only.rank}\n")
+
+
+def fresh_fp64_model() -> OPTForCausalLM:
+    """Other weights than a checkpoint's (which must win), already float64: Lightning restores the checkpoint
+    before the precision plugin converts the module, so a float32 module would round the float64 weights."""
+    model = opt_model().double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model
 
 
 #: the equivalence fits: eps large enough that the float32 rounding of the losses (see tests/test_distributed.py)

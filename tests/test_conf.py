@@ -150,6 +150,12 @@ def test_offload_options_build_the_strategy(option):
     cfg = cfg_for(f"offload={option}").offload
     assert isinstance(instantiate(cfg), zo2_lightning.ZO2OffloadStrategy)
     assert cfg.seed == 42 and (cfg.offload_device is None) == (option == "none")
+    assert cfg.perturbation_parallel == 1  # data parallel unless asked
+
+
+def test_perturbation_parallel_from_the_command_line():
+    cfg = cfg_for("trainer=ddp", "trainer.devices=4", "offload=cpu_overlap", "offload.perturbation_parallel=2")
+    assert instantiate(cfg.offload).perturbation_parallel == 2 and cfg.trainer.devices == 4
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "scheduler"])

@@ -14,7 +14,6 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import RandomSampler
 
@@ -158,17 +157,6 @@ def test_independent_directions_equal_one_process_with_n_times_q_directions(q, t
         assert torch.equal(p, expected[name]), f"{name}: max diff {(p - expected[name]).abs().max()}"
 
 
-class RecordingIO(TorchCheckpointIO):
-    """Notes the rank of every checkpoint write."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-        super().save_checkpoint(checkpoint, path, storage_options)
-        with open(os.path.join(os.path.dirname(path), "writes.txt"), "a") as f:
-            f.write(f"{rank_zero_only.rank}\n")
-
-
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
     """Uninterrupted: 2 ranks, 4 steps. Interrupted: 2 ranks, 2 steps, checkpoint at step 2 (float64)."""
@@ -179,7 +167,7 @@ def checkpointed(tmp_path_factory):
     full = dh.fit_ranks(root / "full", task, data, max_steps=4, precision="64-true")
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     dh.fit_ranks(root / "first", dh.task(copy.deepcopy(initial), weight_decay=0.01), data, max_steps=2,
-                 precision="64-true", enable_checkpointing=True, callbacks=[ckpt], plugins=[RecordingIO()])
+                 precision="64-true", enable_checkpointing=True, callbacks=[ckpt], plugins=[dh.RecordingIO()])
     return initial, full, root / "ckpt"
 
 
@@ -193,7 +181,7 @@ def test_checkpoints_are_written_once_by_rank_zero(checkpointed):
 
 def test_resume_on_two_ranks_equals_the_uninterrupted_run(checkpointed, tmp_path):
     _, full, ckpt_dir = checkpointed
-    fresh = dh.task(_fresh_fp64_model(), weight_decay=0.01)
+    fresh = dh.task(dh.fresh_fp64_model(), weight_decay=0.01)
     resumed = dh.fit_ranks(tmp_path, fresh, dh.loader(dh.examples(8), 2), max_steps=4, precision="64-true",
                            ckpt_path=ckpt_dir / "step=2.ckpt")
     for r in range(2):
@@ -203,21 +191,12 @@ def test_resume_on_two_ranks_equals_the_uninterrupted_run(checkpointed, tmp_path
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_double_batch(checkpointed):
     initial, full, ckpt_dir = checkpointed
-    got = dh.fit_one(dh.task(_fresh_fp64_model(), weight_decay=0.01), dh.joint_loader(dh.examples(8), 4),
+    got = dh.fit_one(dh.task(dh.fresh_fp64_model(), weight_decay=0.01), dh.joint_loader(dh.examples(8), 4),
                      max_steps=4, precision="64-true", ckpt_path=ckpt_dir / "step=2.ckpt")
     start = dict(initial.named_parameters())
     for name, p in got.items():
         torch.testing.assert_close(p, full[0]["params"][name], rtol=0, atol=ATOL, msg=name)
     assert _max_diff(got, {n: start[n] for n in got}) > 1e4 * ATOL
-
-
-def _fresh_fp64_model():
-    """Other weights than the checkpoint's (which must win), already float64: Lightning restores the checkpoint
-    before the precision plugin converts the module, so a float32 module would round the float64 weights."""
-    model = dh.opt_model().double()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return model
 
 
 def test_disk_offload_gives_every_rank_its_own_block_files(tmp_path):

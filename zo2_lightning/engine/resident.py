@@ -73,18 +73,30 @@ class ResidentParams:
             if p.sign != 0 and p not in self.copies:
                 self.copies[p] = self._new()
 
-    def prepare(self, step: int, eps: float, seeds: Sequence[int], signs: Sequence[int],
-                perturbations: Sequence[Perturbation]) -> None:
-        """Before the runs of a step: every run's copy (default) or none yet (regenerate)."""
+    def prepare(self, step: int, eps: float, seeds: Sequence[int], perturbations: Sequence[Perturbation]) -> None:
+        """Before the runs of a step: the copy of every run in ``perturbations`` (default) or none yet (regenerate).
+
+        ``perturbations`` may be a share of the step's (another process runs the rest): only the directions in it
+        are drawn. Without a z buffer each direction's z is drawn into its +eps copy, so that copy is reserved
+        (as scratch) even when only the -eps run is this process's.
+        """
         self._step, self._eps, self._seeds, self._trial = step, eps, list(seeds), False
         if not self.is_trainable:
             return
         if self.regenerate:
             self._copy_of, self._z_key = None, None  # self.z becomes each run's copy in turn
             return
-        self._reserve(perturbations)
-        self.spsa.perturb(self.unit, self.flats, step, eps, seeds, self.copies, self.z, signs=signs)
-        self._z_key = (step, seeds[-1]) if self.z is not None else None  # self.z holds the last direction's z
+        signs_of: dict[int, list[int]] = {}
+        for p in perturbations:
+            if p.sign != 0:
+                signs_of.setdefault(p.direction, []).append(p.sign)
+        self._reserve([*perturbations, *(Perturbation(d, +1) for d in signs_of if self.z is None)])
+        for d, signs in sorted(signs_of.items()):
+            out = {Perturbation(0, s): self.copies[Perturbation(d, s)] for s in (+1, *signs)
+                   if Perturbation(d, s) in self.copies}
+            self.spsa.perturb(self.unit, self.flats, step, eps, [seeds[d]], out, self.z, signs=signs)
+        last = max(signs_of, default=None)  # self.z holds the last direction's z
+        self._z_key = (step, seeds[last]) if self.z is not None and last is not None else None
 
     def prepare_trial(self, commits: Sequence[Commit]) -> None:
         """Before a conservative step's trial runs: the step and the step reversed, as the commits would apply."""

@@ -1,7 +1,7 @@
 """The perturbed runs of one ZO step, in lockstep: what each run reads at each block, and when it is built.
 
-``results = StepRuns(spsa, resident, units, arrive).run(fn, perturbations, chunks, step, eps, seeds, one_sided,
-trial)``, with each block's forward pre-hook calling ``runs.barrier(i)`` while ``runs.active``.
+``results = StepRuns(spsa, resident, units, arrive).run(fn, perturbations, chunks, step, eps, seeds, trial)``,
+with each block's forward pre-hook calling ``runs.barrier(i)`` while ``runs.active``.
 
 The runs (one :class:`.keys.RunKey` per perturbation and micro-batch) take turns at every block: when the last
 reaches block i, :meth:`StepRuns._transition` brings it in (``arrive``: upload and deferred updates) and draws its
@@ -44,7 +44,8 @@ class StepRuns:
         self._trial: list[Commit] | None = None
         self._block: int | None = None  # the block the runs are at
         self._flats: list[torch.Tensor] = []  # its working-device flats
-        self._block_z: list[list[torch.Tensor]] = []  # its z per direction
+        self._directions: list[int] = []  # the directions the runs read (a share of the step's, or all)
+        self._block_z: dict[int, list[torch.Tensor]] = {}  # the block's z per direction
         self._copy_of: Perturbation | None = None  # the perturbation its perturbed copy holds
 
     @property
@@ -60,19 +61,20 @@ class StepRuns:
         self.scheduler.barrier(block)
 
     def run(self, fn: Callable[[RunKey], Any], perturbations: list[Perturbation], chunks: int, step: int, eps: float,
-            seeds: Sequence[int], one_sided: bool = False,
-            trial: Sequence[Commit] | None = None) -> dict[RunKey, Any]:
+            seeds: Sequence[int], trial: Sequence[Commit] | None = None) -> dict[RunKey, Any]:
         """``fn(key)`` for every perturbation and chunk, in lockstep; ``{key: result}``."""
         if int(chunks) < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         self._step, self._eps, self._seeds = int(step), float(eps), [int(s) for s in seeds]
         self._trial = list(trial) if trial is not None else None
-        self.spsa.reserve(perturbations, copies=2 if self._trial is not None else 1)
+        self._directions = sorted({p.direction for p in perturbations if p.sign != 0})
+        # one z buffer per direction run, numbered as they are drawn (directions_of takes their seeds in order)
+        drawn = [Perturbation(k, +1) for k in range(len(self._directions))]
+        self.spsa.reserve(drawn, copies=2 if self._trial is not None else 1)
         if self._trial is not None:
             self.resident.prepare_trial(self._trial)
         else:
-            self.resident.prepare(self._step, self._eps, self._seeds, (+1,) if one_sided else (+1, -1),
-                                  perturbations)
+            self.resident.prepare(self._step, self._eps, self._seeds, perturbations)
         # autocast caches the cast of a leaf Parameter, but the runs rebind one Parameter to different data:
         # a cached cast would give one run another's weights (Lightning's own autocast keeps the cache off too)
         cache = torch.is_autocast_cache_enabled()
@@ -81,7 +83,7 @@ class StepRuns:
             return self.scheduler.run(fn, run_keys(perturbations, int(chunks)))
         finally:
             torch.set_autocast_cache_enabled(cache)
-            self._block, self._flats, self._block_z, self._copy_of = None, [], [], None
+            self._block, self._flats, self._block_z, self._copy_of = None, [], {}, None
 
     def _transition(self, i: int) -> None:
         """Every run reached block ``i``: bring it in and draw its z (or build a trial's two candidates)."""
@@ -90,7 +92,8 @@ class StepRuns:
         if unit.is_trainable and self._trial is not None:
             self.spsa.trial(unit, self._flats, self._trial)
         elif unit.is_trainable and not self.spsa.regenerate:  # each run's copy is built as it takes its turn
-            self._block_z = self.spsa.directions_of(unit, self._step, self._seeds)
+            zs = self.spsa.directions_of(unit, self._step, [self._seeds[d] for d in self._directions])
+            self._block_z = dict(zip(self._directions, zs))
         self._copy_of = None
         self._block = i
 

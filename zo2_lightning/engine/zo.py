@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.blocks import split_blocks
 from zo2_lightning.engine.device import CudaOps, DeviceOps
-from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, RunKey, step_perturbations
+from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, Perturbation, RunKey, step_perturbations
 from zo2_lightning.engine.ledger import Commit, CommitLedger
 from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.placement import Placement
@@ -189,46 +189,60 @@ class ZOEngine:
         seeds: Sequence[int],
         chunks: int,
         one_sided: bool = False,
+        perturbations: Sequence[Perturbation] | None = None,
     ) -> list[list[tuple[Any, Any]]]:
         """:meth:`run_directions` for ``chunks`` micro-batches at once: ``fn(key)`` runs micro-batch ``key.chunk``,
         and all ``chunks`` x 2q runs share one residency of each block (the transfer is paid once per step, not
         once per micro-batch; each block's compute temporaries exist for one micro-batch at a time). Returns
         ``[[(out+, out-) per direction] per chunk]``.
+
+        ``perturbations``: run only these of the step's perturbations (:func:`.keys.step_perturbations`), e.g. the
+        share of one process when several split a step between them; the others' outputs are ``None``. z is drawn
+        only for the directions run. What is committed afterwards does not depend on it: every process may commit
+        every direction.
+
+        Raises:
+            ValueError: ``perturbations`` names one that is not the step's.
         """
         q = range(len(seeds))
         self.spsa.prune_kept(int(step), self.ledger.keys())
-        perturbations = step_perturbations(len(q), one_sided)
-        results = self._run_lockstep(fn, perturbations, chunks, step, eps, seeds, one_sided)
+        runs = _subset(step_perturbations(len(q), one_sided), perturbations)
+        results = self._run_lockstep(fn, runs, chunks, step, eps, seeds)
+        get = lambda d, s, m: results.get(RunKey(d, s, m))  # noqa: E731 - None where another process ran it
         if one_sided:
-            return [[(results[RunKey(d, +1, m)], results[RunKey(0, 0, m)]) for d in q] for m in range(chunks)]
-        return [[(results[RunKey(d, +1, m)], results[RunKey(d, -1, m)]) for d in q] for m in range(chunks)]
+            return [[(get(d, +1, m), get(0, 0, m)) for d in q] for m in range(chunks)]
+        return [[(get(d, +1, m), get(d, -1, m)) for d in q] for m in range(chunks)]
 
     def run_trial(
-        self, fn: Callable[[RunKey], Any], commits: Sequence[Commit], chunks: int = 1
+        self, fn: Callable[[RunKey], Any], commits: Sequence[Commit], chunks: int = 1,
+        perturbations: Sequence[Perturbation] | None = None,
     ) -> list[tuple[Any, Any, Any]]:
         """The three runs of a conservative step (ZO-SGD-Cons), in lockstep: ``fn(key)`` at theta after ``commits``
         (``key.sign`` +1), at theta (0) and at theta after the commits reversed (-1), for each micro-batch. Returns
         ``[(out_step, out_none, out_reversed)]`` per chunk; nothing is committed. The candidates are computed
         exactly as the commits would be applied, so committing the chosen one gives the parameters its run saw,
-        bit for bit. Needs a stateless rule.
+        bit for bit. Needs a stateless rule. ``perturbations``: run only these of the three
+        (:data:`.keys.TRIAL_PERTURBATIONS`); the others' outputs are ``None``.
         """
         if self.rule.stateful:
             raise ValueError(f"a conservative step needs a stateless update rule, not {self.rule.name!r}")
         step = commits[0].step if commits else 0
-        results = self._run_lockstep(fn, TRIAL_PERTURBATIONS, chunks, step, 0.0, [], trial=commits)
-        return [tuple(results[RunKey(p.direction, p.sign, m)] for p in TRIAL_PERTURBATIONS)  # type: ignore[misc]
+        runs = _subset(TRIAL_PERTURBATIONS, perturbations)
+        results = self._run_lockstep(fn, runs, chunks, step, 0.0, [], trial=commits)
+        return [tuple(results.get(RunKey(p.direction, p.sign, m)) for p in TRIAL_PERTURBATIONS)  # type: ignore[misc]
                 for m in range(chunks)]
 
     def _run_lockstep(self, fn: Callable[[RunKey], Any], perturbations: list, chunks: int, step: int, eps: float,
-                      seeds: Sequence[int], one_sided: bool = False,
-                      trial: Sequence[Commit] | None = None) -> dict[RunKey, Any]:
+                      seeds: Sequence[int], trial: Sequence[Commit] | None = None) -> dict[RunKey, Any]:
         """Every perturbation on each chunk, as lockstep runs keyed by :class:`.keys.RunKey`."""
+        if not perturbations:
+            return {}  # this process has no share of these runs
         self._release_all()
         assert self.spsa is not None and self.resident_params is not None
         self._runs = StepRuns(self.spsa, self.resident_params, self.units, self._arrive)
         try:
             with self.ops.compute_scope():
-                return self._runs.run(fn, perturbations, chunks, step, eps, seeds, one_sided, trial)
+                return self._runs.run(fn, perturbations, chunks, step, eps, seeds, trial)
         finally:
             self._runs = None
             self._release_all()
@@ -404,6 +418,21 @@ class ZOEngine:
             self.flush()
         self.streamer.expose()  # disk offload: parked parameters read through file maps
 
+
+
+def _subset(every: list[Perturbation], chosen: Sequence[Perturbation] | None) -> list[Perturbation]:
+    """``chosen`` (all of ``every`` when None), in the order of ``every``.
+
+    Raises:
+        ValueError: ``chosen`` names a perturbation that is not in ``every``.
+    """
+    if chosen is None:
+        return every
+    chosen = [Perturbation(*p) for p in chosen]
+    foreign = [p for p in chosen if p not in every]
+    if foreign:
+        raise ValueError(f"perturbations {foreign} are not among this step's runs {every}")
+    return [p for p in every if p in chosen]
 
 
 def _device_ops(device: torch.device, options: EngineOptions) -> DeviceOps:

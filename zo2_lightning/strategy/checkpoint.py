@@ -5,7 +5,8 @@
 
 The entry holds the run seed (every z is regenerated from it, so no RNG state is saved), the count of skipped
 steps, the update rule's buffers (momentum, Adam moments, the update count) and the layout it was written under
-(world size, direction mode). Its ``format`` number is checked on load, so a file written by a later version that
+(world size, direction mode, ranks per perturbation-parallel group; an entry without the last was written by a
+version without groups, which is groups of 1). Its ``format`` number is checked on load, so a file written by a later version that
 changed the entry is refused with a message instead of being misread.
 """
 
@@ -31,6 +32,7 @@ class ResumeState:
         world_size: the number of ranks that wrote it.
         directions: ``"shared"`` or ``"independent"`` (how the ranks drew their directions).
         rule_state: the update rule's state (``ZOEngine.rule_state()``), ``None`` when saved outside a fit.
+        perturbation_parallel: ranks per group that split each step's runs (1: data parallel only).
     """
 
     seed: int
@@ -38,11 +40,13 @@ class ResumeState:
     world_size: int = 1
     directions: str = "shared"
     rule_state: dict[str, Any] | None = None
+    perturbation_parallel: int = 1
 
     def write(self, checkpoint: dict[str, Any]) -> None:
         """Put the entry into ``checkpoint`` (the dict Lightning is about to save)."""
         entry: dict[str, Any] = {"format": FORMAT, "seed": self.seed, "skipped_steps": self.skipped_steps,
-                                 "world_size": self.world_size, "directions": self.directions}
+                                 "world_size": self.world_size, "directions": self.directions,
+                                 "perturbation_parallel": self.perturbation_parallel}
         if self.rule_state is not None:
             entry["rule_state"] = self.rule_state
         checkpoint[CHECKPOINT_KEY] = entry
@@ -67,23 +71,28 @@ class ResumeState:
             )
         return cls(seed=int(entry["seed"]), skipped_steps=int(entry.get("skipped_steps", 0)),
                    world_size=int(entry.get("world_size", 1)), directions=str(entry.get("directions", "shared")),
-                   rule_state=entry.get("rule_state"))
+                   rule_state=entry.get("rule_state"),
+                   perturbation_parallel=int(entry.get("perturbation_parallel", 1)))
 
-    def layout_warning(self, world_size: int, directions: str) -> str | None:
-        """Why resuming under ``world_size`` ranks and ``directions`` does not continue the run, if it does not.
+    def layout_warning(self, world_size: int, directions: str, perturbation_parallel: int = 1) -> str | None:
+        """Why resuming under ``world_size`` ranks in groups of ``perturbation_parallel`` and ``directions`` does
+        not continue the run, if it does not.
 
-        Shared directions resume on any world size (the step is MeZO on the global batch); independent ones only
-        on the layout that wrote them (the number of directions per step would change).
+        Shared directions resume on any world size and any grouping (the step is MeZO on the global batch, however
+        its runs are split); independent ones only with as many groups as wrote them (each group draws its own
+        directions, so the number of directions per step would change).
         """
         if "independent" not in (directions, self.directions):
             return None
-        if self.world_size == world_size and self.directions == directions:
+        groups, saved_groups = world_size // perturbation_parallel, self.world_size // self.perturbation_parallel
+        if saved_groups == groups and self.directions == directions:
             return None
         return (
             f"zo2_offload: resuming a run saved with directions={self.directions!r} on {self.world_size} rank(s)"
-            f" with directions={directions!r} on {world_size}: the number of directions per step changes, so the"
-            " run does not continue as it would have. Resume on the same world size, or train with"
-            " directions='shared' (which resumes on any world size)."
+            f" in {saved_groups} group(s) with directions={directions!r} on {world_size} in {groups}: the number"
+            " of directions per step changes, so the run does not continue as it would have. Resume with as many"
+            " groups (world size / perturbation_parallel), or train with directions='shared' (which resumes on any"
+            " world size and layout)."
         )
 
 

@@ -1,9 +1,11 @@
 """What the zo2 strategies refuse, and the errors that name the fix.
 
-``check_configuration(trainer, module, precision_plugin)``, ``clip_projected_gradient(trainer)`` and
-``check_step(optimizer, trainer, world_size, directions)`` at setup, ``zo_optimizer(strategy.optimizers)`` when fitting, ``check_same_model(checkpoint, module,
-path)`` on load, ``check_step_options(micro_batches, directions, max_consecutive_skips)`` at construction,
-``scalar_loss(training_step_output)`` for every run's output. The engine's own options refuse themselves
+``check_configuration(trainer, module, precision_plugin)``, ``clip_projected_gradient(trainer)``,
+``check_layout(world_size, perturbation_parallel)`` and ``check_step(optimizer, trainer, stateful_rule, world_size,
+directions, group_size)`` at setup, ``zo_optimizer(strategy.optimizers)`` when fitting,
+``check_same_model(checkpoint, module, path)`` on load, ``check_step_options(micro_batches, directions,
+max_consecutive_skips, perturbation_parallel)`` at construction, ``scalar_loss(training_step_output)`` for every
+run's output. The engine's own options refuse themselves
 (:class:`zo2_lightning.engine.EngineOptions`).
 """
 
@@ -34,16 +36,23 @@ def zo_optimizer(opts: list[Any]) -> ZOOptimizer:
     return opts[0]
 
 
-def check_step_options(micro_batches: Any, directions: Any, max_consecutive_skips: Any) -> int:
-    """Refuse strategy options the step cannot use; returns ``micro_batches`` as an int.
+def check_step_options(micro_batches: Any, directions: Any, max_consecutive_skips: Any,
+                       perturbation_parallel: Any = 1) -> tuple[int, int]:
+    """Refuse strategy options the step cannot use; returns ``micro_batches`` and ``perturbation_parallel`` as ints.
 
     Raises:
-        ValueError: ``micro_batches`` is not an integer >= 1, ``directions`` is not a known mode, or
-            ``max_consecutive_skips`` is negative.
+        ValueError: ``micro_batches`` or ``perturbation_parallel`` is not an integer >= 1, ``directions`` is not a
+            known mode, or ``max_consecutive_skips`` is negative.
     """
     micro_batches = as_number(int, "micro_batches", micro_batches)
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    perturbation_parallel = as_number(int, "perturbation_parallel", perturbation_parallel)
+    if perturbation_parallel < 1:
+        raise ValueError(
+            f"perturbation_parallel must be >= 1 (ranks that split each step's perturbed runs; 1: data parallel"
+            f" only), got {perturbation_parallel}"
+        )
     if directions not in DIRECTION_MODES:
         raise ValueError(
             f"directions={directions!r} is not supported: use 'shared' (one z for all ranks, MeZO on the"
@@ -51,27 +60,56 @@ def check_step_options(micro_batches: Any, directions: Any, max_consecutive_skip
         )
     if as_number(int, "max_consecutive_skips", max_consecutive_skips) < 0:
         raise ValueError(f"max_consecutive_skips must be >= 0 (0: never stop), got {max_consecutive_skips}")
-    return micro_batches
+    return micro_batches, perturbation_parallel
+
+
+def check_layout(world_size: int, perturbation_parallel: int) -> None:
+    """Refuse a world size that does not split into groups of ``perturbation_parallel`` ranks.
+
+    Raises:
+        ValueError: ``world_size`` is not a multiple of ``perturbation_parallel``.
+    """
+    if world_size % perturbation_parallel:
+        fits = [g for g in range(1, world_size + 1) if world_size % g == 0]
+        raise ValueError(
+            f"perturbation_parallel={perturbation_parallel} puts the ranks in groups of {perturbation_parallel}"
+            f" that split each step's perturbed runs, but this run has {world_size} ranks (devices x num_nodes),"
+            f" not a multiple of {perturbation_parallel}. Launch a multiple of {perturbation_parallel} ranks, or set"
+            f" perturbation_parallel to one of {fits} (1: data parallel only)."
+        )
 
 
 def check_step(optimizer: ZOOptimizer, trainer: Trainer, stateful_rule: bool, world_size: int,
-               directions: str) -> None:
-    """Refuse an optimizer the step cannot drive under this Trainer and layout.
+               directions: str, group_size: int = 1) -> None:
+    """Refuse an optimizer the step cannot drive under this Trainer and layout (groups of ``group_size`` ranks
+    that split each step's runs, data-parallel with each other).
 
     Raises:
-        ValueError: a conservative optimizer with ``accumulate_grad_batches > 1``, or a stateful or conservative one
-            with independent directions on several ranks.
+        ValueError: a conservative optimizer with ``accumulate_grad_batches > 1``; a stateful or conservative one
+            with independent directions in several groups; a group size that does not divide the step's runs.
     """
+    name = type(optimizer).__name__
     if optimizer.conservative and trainer.accumulate_grad_batches > 1:
         raise ValueError(
-            f"{type(optimizer).__name__} compares the step's candidates on one batch, so it needs"
+            f"{name} compares the step's candidates on one batch, so it needs"
             f" accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): raise the batch size instead"
         )
-    if world_size > 1 and directions == "independent" and (stateful_rule or optimizer.conservative):
+    if world_size // group_size > 1 and directions == "independent" and (stateful_rule or optimizer.conservative):
         raise ValueError(
-            f"{type(optimizer).__name__} cannot run with directions='independent' on several ranks: each rank's"
+            f"{name} cannot run with directions='independent' on several ranks: each rank's"
             " directions are separate updates, which a momentum/Adam state or a conservative trial cannot"
             " combine. Use directions='shared' (MeZO on the global batch)."
+        )
+    runs = optimizer.q + 1 if optimizer.one_sided else 2 * optimizer.q
+    if runs % group_size:
+        count = "q + 1" if optimizer.one_sided else "2q"
+        fits = [g for g in range(1, runs + 1) if runs % g == 0]
+        idle = ", and some would idle" if group_size > runs else ""
+        raise ValueError(
+            f"perturbation_parallel={group_size} cannot split the {count} = {runs} perturbed runs of a"
+            f" {name}(q={optimizer.q}{', one_sided=True' if optimizer.one_sided else ''}) step evenly between the"
+            f" ranks of a group: the busiest rank would set the pace{idle}. Use perturbation_parallel in {fits}, or"
+            f" a q whose {count} runs {group_size} divides."
         )
 
 

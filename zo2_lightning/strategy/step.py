@@ -25,7 +25,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from zo2_lightning.engine import Commit, RunKey, ZOEngine, projected_grad
+from zo2_lightning.engine import Commit, Perturbation, RunKey, ZOEngine, projected_grad
+from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, step_perturbations
 from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.optim import ZOOptimizer
 from zo2_lightning.strategy.batches import split_batch
@@ -37,10 +38,11 @@ Run = Callable[[RunKey], Any]
 
 @dataclass
 class _Measured:
-    """What the training steps since the last commit measured: per micro-batch ``{direction seed: (L+, L-)}``,
-    and the last batch's runs (a conservative trial evaluates the same batch again)."""
+    """What the training steps since the last commit measured: per micro-batch ``{direction seed: (L+, L-)}``
+    (``None`` for a run another member of this rank's group made), and the last batch's runs (a conservative trial
+    evaluates the same batch again)."""
 
-    losses: list[dict[int, tuple[float, float]]] = field(default_factory=list)
+    losses: list[dict[int, tuple[float | None, float | None]]] = field(default_factory=list)
     last_run: Run | None = None
 
 
@@ -75,12 +77,17 @@ class ZOStep:
     def measure(self, module: LightningModule, args: Sequence[Any], kwargs: dict[str, Any], global_step: int) -> Any:
         """Run ``module.training_step(*args, **kwargs)`` at every perturbation in lockstep and keep the losses.
 
+        With perturbation parallelism this rank makes only its share of the runs (``reduction.share``); the
+        losses of the others are ``None`` here and come from the other members of its group at the commit.
+
         Returns:
-            What Lightning receives as the step's output: the +eps run's (the mean loss of the +eps runs over the
-            micro-batches when the batch is split).
+            What Lightning receives as the step's output: the output of this rank's first run, direction 0's +eps
+            run unless another member of its group makes that one (the mean loss of that run over the micro-batches
+            when the batch is split).
         """
         optimizer, chunks = self.optimizer, self.micro_batches
         parts = split_batch(args[0], chunks) if chunks > 1 else None
+        runs = self.reduction.share(step_perturbations(optimizer.q, optimizer.one_sided))
 
         def run(key: RunKey) -> Any:
             if parts is None:
@@ -88,15 +95,19 @@ class ZOStep:
             return module.training_step(parts[key.chunk], *args[1:], **kwargs)
 
         seeds = self.reduction.seeds(self.engine.seed, optimizer.q)
-        with self._forward_mode(module, log=True), self._step_context(), torch.no_grad(), _no_backward():
-            per_chunk = self.engine.run_chunks(run, global_step, optimizer.eps, seeds, chunks, optimizer.one_sided)
+        with self._forward_mode(module, log=runs[0]), self._step_context(), torch.no_grad(), _no_backward():
+            per_chunk = self.engine.run_chunks(run, global_step, optimizer.eps, seeds, chunks, optimizer.one_sided,
+                                               perturbations=runs)
         self._measured.last_run = run if optimizer.conservative else None
+        mine = set(runs)
+        minus_of = (lambda d: Perturbation(0, 0)) if optimizer.one_sided else (lambda d: Perturbation(d, -1))
         for outs in per_chunk:  # each micro-batch is measured as accumulate_grad_batches would measure it
-            self._measured.losses.append({
-                seed: (scalar_loss(plus).item(), scalar_loss(minus).item())  # sync point: g needs both on host
-                for seed, (plus, minus) in zip(seeds, outs)
+            self._measured.losses.append({  # sync point: g needs both on host
+                seed: (_loss(plus, Perturbation(d, +1) in mine), _loss(minus, minus_of(d) in mine))
+                for d, (seed, (plus, minus)) in enumerate(zip(seeds, outs))
             })
-        return _mean_output([outs[0][0] for outs in per_chunk])
+        first = runs[0]
+        return _mean_output([outs[first.direction][0 if first.sign > 0 else 1] for outs in per_chunk])
 
     # ------------------------------------------------------------------ losses -> commits
     def commit(self, module: LightningModule, global_step: int, clip: float | None = None) -> None:
@@ -151,10 +162,12 @@ class ZOStep:
     def _conservative(self, module: LightningModule, run: Run, commits: list[Commit]) -> tuple[list[Commit], int]:
         """ZO-SGD-Cons: the losses of the step, no step and the step reversed on the step's batch; returns the
         commits of the lowest (ties prefer the step, then no step) and which it was (+1, 0, -1)."""
-        with self._forward_mode(module, log=False), self._step_context(), torch.no_grad():
-            per_chunk = self.engine.run_trial(run, commits, self.micro_batches)
-        losses = self.reduction.values(
-            [sum(scalar_loss(outs[k]).item() for outs in per_chunk) / len(per_chunk) for k in range(3)]
+        runs = self.reduction.share(TRIAL_PERTURBATIONS)
+        with self._forward_mode(module, log=None), self._step_context(), torch.no_grad():
+            per_chunk = self.engine.run_trial(run, commits, self.micro_batches, perturbations=runs)
+        losses = self.reduction.values(  # None where another member of this rank's group made the run
+            [sum(_loss(outs[k], True) for outs in per_chunk) / len(per_chunk) if p in runs else None
+             for k, p in enumerate(TRIAL_PERTURBATIONS)]
         )
         if not all_finite(*losses):
             return [], 0  # nothing finite to compare: stay put
@@ -178,16 +191,18 @@ class ZOStep:
 
     # ------------------------------------------------------------------ what the runs see
     @contextmanager
-    def _forward_mode(self, module: LightningModule, log: bool) -> Iterator[None]:
-        """Dropout off (every run must see the same function, as in MeZO); ``self.log`` calls from the first run
-        only (direction 0, +eps, micro-batch 0), or from none with ``log=False`` (a conservative trial)."""
+    def _forward_mode(self, module: LightningModule, log: Perturbation | None) -> Iterator[None]:
+        """Dropout off (every run must see the same function, as in MeZO); ``self.log`` calls from one run only,
+        ``log`` on micro-batch 0 (this rank's first: direction 0's +eps run unless another member of its group
+        makes that one, so that every rank logs as often, and ``sync_dist`` collectives match), or from none with
+        ``log=None`` (a conservative trial)."""
         modes = [(m, m.training) for m in module.modules()]
         module.eval()
         engine, module_log = self.engine, module.log
 
         def first_run_only(*args: Any, **kwargs: Any) -> None:
             key = engine.run_key
-            if log and (key is None or (key.direction, key.sign, key.chunk) == (0, +1, 0)):
+            if log is not None and (key is None or (key.perturbation, key.chunk) == (log, 0)):
                 module_log(*args, **kwargs)
 
         module.log = first_run_only  # type: ignore[method-assign]
@@ -219,6 +234,12 @@ def _no_backward() -> Iterator[None]:
             " the update from the two losses. Remove `loss.backward()` / `self.manual_backward(loss)` and return the"
             " loss."
         ) from err
+
+
+def _loss(output: Any, made: bool) -> float | None:
+    """The loss of a run this rank ``made`` on the host (an error naming the fix if there is none); ``None`` for a
+    run another member of its group made."""
+    return scalar_loss(output).item() if made else None
 
 
 def _mean_output(outputs: list[Any]) -> Any:

@@ -5,6 +5,7 @@ import lightning.pytorch as L
 import zo2_lightning                                  # registers "zo2_offload" and "zo2_resident"
 trainer = L.Trainer(strategy="zo2_offload", accelerator="gpu", devices=1, precision="bf16-mixed")
 trainer = L.Trainer(strategy="zo2_offload", accelerator="gpu", devices=8, num_nodes=2)  # 16 ranks, see below
+trainer = L.Trainer(strategy=zo2_lightning.ZO2OffloadStrategy(perturbation_parallel=2), devices=8)  # 4 x (+eps|-eps)
 trainer.fit(module, datamodule)                       # module: ZOModule + LightningModule, ZOSGD optimizer
 ```
 
@@ -43,6 +44,7 @@ from zo2_lightning.strategy.checkpoint_io import AtomicCheckpointIO
 from zo2_lightning.strategy.collectives import broadcast_module_, reduction_for
 from zo2_lightning.strategy.refusals import (
     check_configuration,
+    check_layout,
     check_same_model,
     clip_projected_gradient,
     check_step,
@@ -52,7 +54,7 @@ from zo2_lightning.strategy.refusals import (
 from zo2_lightning.strategy.step import ZOStep
 
 #: the strategy's own keyword arguments besides the engine's (EngineOptions) and DDPStrategy's
-STEP_OPTIONS = ("seed", "max_consecutive_skips", "micro_batches", "directions")
+STEP_OPTIONS = ("seed", "max_consecutive_skips", "micro_batches", "directions", "perturbation_parallel")
 
 
 # One class for one and for many devices, built on Lightning's DDPStrategy: the registry builds "zo2_offload"
@@ -89,6 +91,16 @@ class ZO2OffloadStrategy(DDPStrategy):
             resumes the run. ``"independent"``: rank r draws its own directions (seeds r*q .. r*q+q-1, q from
             the optimizer) on its own shard, the (L+, L-) are all-gathered and every rank applies all N*q
             updates: q-SPSA with N*q directions for the price of one collective. One process: the same either way.
+            With ``perturbation_parallel`` > 1 the modes apply to the groups (group g draws seeds g*q ..).
+        perturbation_parallel: ranks per group that split each step's perturbed runs (DistZO2's perturbation
+            parallelism): the ranks of a group get the same batch and z, rank j of the group makes the j-th
+            consecutive share of the 2q runs (q + 1 one-sided; with q=1 and 2 ranks one runs +eps, the other
+            -eps), streaming every block once per step for its share only, and the group's losses meet in the
+            step's one all-reduce (or all-gather), so every rank applies the same update. Groups of consecutive
+            ranks are data-parallel with each other (``directions``), so world size = groups x
+            perturbation_parallel; the data is sharded by group. 1 (default): data parallelism only. It must divide
+            the world size and the step's run count (else an error names the fix); one process ignores it (the
+            single-device run).
         start_method: how Lightning starts the ranks when it starts them itself: ``"popen"`` (re-runs the
             script, as ``strategy="ddp"``), ``"spawn"`` or ``"fork"`` (notebooks, tests). Under SLURM or
             torchrun the cluster starts the processes and this is not used.
@@ -118,6 +130,7 @@ class ZO2OffloadStrategy(DDPStrategy):
         max_consecutive_skips: int = 10,
         micro_batches: int = 1,
         directions: Literal["shared", "independent"] = "shared",
+        perturbation_parallel: int = 1,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -135,7 +148,9 @@ class ZO2OffloadStrategy(DDPStrategy):
                 f" the engine's {list(EngineOptions.names())}"
             )
         self.engine_options = EngineOptions(**engine_options)
-        self.micro_batches = check_step_options(micro_batches, directions, max_consecutive_skips)
+        self.micro_batches, self.perturbation_parallel = check_step_options(micro_batches, directions,
+                                                                            max_consecutive_skips,
+                                                                            perturbation_parallel)
         self.seed = seed
         self.max_consecutive_skips = int(max_consecutive_skips)
         self.directions = directions
@@ -159,6 +174,18 @@ class ZO2OffloadStrategy(DDPStrategy):
     def is_multiprocess(self) -> bool:
         """Whether the Trainer asked for more than one process (``devices * num_nodes > 1``)."""
         return self.num_nodes * self.num_processes > 1
+
+    @property
+    def group_size(self) -> int:
+        """Ranks per group of this run's layout: ``perturbation_parallel`` on several processes, else 1."""
+        return self.perturbation_parallel if self.is_multiprocess else 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """The shard of Lightning's ``DistributedSampler`` (and of the built-in tasks' order): one per group, so
+        the ranks of a group see the same batch."""
+        return {"num_replicas": self.world_size // self.group_size, "rank": self.global_rank // self.group_size}
 
     @property
     def skipped_steps(self) -> int:
@@ -189,6 +216,11 @@ class ZO2OffloadStrategy(DDPStrategy):
     def setup(self, trainer: Trainer) -> None:
         check_configuration(trainer, self.lightning_module, self.precision_plugin)
         clip_projected_gradient(trainer)
+        if self.is_multiprocess:
+            check_layout(self.world_size, self.perturbation_parallel)
+        elif self.perturbation_parallel > 1:
+            rank_zero_warn(f"zo2_offload: perturbation_parallel={self.perturbation_parallel} on one process: nothing"
+                           " to split, every run of a step runs here (the single-device run)")
         if not self.is_multiprocess:
             # the Trainer injects a DistributedSampler into every DDPStrategy run (an isinstance check in
             # _AcceleratorConnector.is_distributed); one process keeps the user's sampler and its order
@@ -240,7 +272,8 @@ class ZO2OffloadStrategy(DDPStrategy):
             distribution=optimizer.direction if optimizer is not None else "gaussian",
         )
         if optimizer is not None:
-            check_step(optimizer, trainer, self.engine.rule.stateful, self.world_size, self.directions)
+            check_step(optimizer, trainer, self.engine.rule.stateful, self.world_size, self.directions,
+                       self.group_size)
         self.engine.attach([group["params"] for group in optimizer.param_groups] if optimizer is not None else [])
         if self.is_multiprocess:
             self.engine.seed = self.broadcast(self.engine.seed)  # rank 0's; nothing is drawn before this
@@ -250,7 +283,8 @@ class ZO2OffloadStrategy(DDPStrategy):
             self.engine.load_rule_state(self._resumed.rule_state)
         self._step = ZOStep(
             self.engine, optimizer,
-            reduction_for(self.world_size, self.directions, self.global_rank, self._collective_device),
+            reduction_for(self.world_size, self.directions, self.global_rank, self._collective_device,
+                          self.group_size),
             micro_batches=self.micro_batches, max_consecutive_skips=self.max_consecutive_skips,
             step_context=self.precision_plugin.train_step_context, skipped_steps=self._skipped_steps,
         )
@@ -342,7 +376,8 @@ class ZO2OffloadStrategy(DDPStrategy):
         rule_state = engine.rule_state() if engine is not None and engine.attached and self._step is not None \
             else None  # update count; momentum / Adam buffers
         ResumeState(seed=engine.seed if engine is not None else self._run_seed(), skipped_steps=self.skipped_steps,
-                    world_size=self.world_size, directions=self.directions, rule_state=rule_state).write(checkpoint)
+                    world_size=self.world_size, directions=self.directions, rule_state=rule_state,
+                    perturbation_parallel=self.group_size).write(checkpoint)
         super().save_checkpoint(checkpoint, filepath, storage_options)  # rank 0 writes
 
     @override
@@ -366,7 +401,7 @@ class ZO2OffloadStrategy(DDPStrategy):
         self._resumed = resumed
         if resumed is not None:
             self._skipped_steps = resumed.skipped_steps
-            warning = resumed.layout_warning(self.world_size, self.directions)
+            warning = resumed.layout_warning(self.world_size, self.directions, self.group_size)
             if warning is not None:
                 rank_zero_warn(warning)
         return checkpoint

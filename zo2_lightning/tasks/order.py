@@ -133,8 +133,13 @@ class ResumableLoader(DataLoader):
 
 
 def replicas(trainer: Any | None) -> tuple[int, int]:
-    """``(world size, rank)`` of the running fit: the trainer's, else torch.distributed's, else ``(1, 0)``."""
+    """``(shards, shard)`` of the running fit: the trainer's data shards (its strategy's
+    ``distributed_sampler_kwargs``: one per perturbation-parallel group of ranks with ``zo2_offload``, one per
+    rank under plain DDP), else its world size and rank, else torch.distributed's, else ``(1, 0)``."""
     if trainer is not None:
+        shards = getattr(trainer, "distributed_sampler_kwargs", None)
+        if shards:
+            return int(shards["num_replicas"]), int(shards["rank"])
         return int(trainer.world_size), int(trainer.global_rank)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -159,8 +164,8 @@ def train_loader(
         seed: the order's seed.
         collate_fn: turns a list of examples into a batch.
         num_workers: DataLoader worker processes.
-        trainer: the fit's Trainer (a datamodule's ``self.trainer``): its world size and rank shard the order;
-            ``None`` asks torch.distributed.
+        trainer: the fit's Trainer (a datamodule's ``self.trainer``): its data shards (:func:`replicas`) shard the
+            order; ``None`` asks torch.distributed.
         shuffle: ``False`` keeps the dataset's order (still sharded and resumable).
     """
     world, rank = replicas(trainer)
