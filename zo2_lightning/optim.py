@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from zo2_lightning.engine.keys import Perturbation, step_perturbations
+from zo2_lightning.engine.perturb import projected_grad
 from zo2_lightning.engine.rules import AdamRule, MomentumRule, UpdateRule
 from zo2_lightning.engine.seeds import DISTRIBUTIONS
 
@@ -75,6 +77,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     #: ZO-SGD-Cons: try the step, no step and the step reversed, keep the best (see :class:`ZOSGDCons`)
     conservative = False
+    #: a central estimate that also measures L(theta) (one more forward per step, e.g. HiZOO's curvature)
+    center = False
 
     def __init__(
         self,
@@ -112,6 +116,34 @@ class ZOOptimizer(torch.optim.Optimizer):
         for lr, wd in zip(lrs, wds):
             _check_hparams(type(self).__name__, lr, self.eps, wd)
         return lrs, wds
+
+    def perturbations(self) -> list[Perturbation]:
+        """The perturbed runs of one step (:func:`~zo2_lightning.engine.keys.step_perturbations`)."""
+        return step_perturbations(self.q, self.one_sided, self.center)
+
+    def loss_runs(self, d: int) -> tuple[Perturbation, ...]:
+        """The runs whose losses direction ``d``'s estimate reads, in the order of its loss tuple: ``(L+, L-)``,
+        ``(L+, L0)`` one-sided, ``(L+, L-, L0)`` with a center run."""
+        if self.one_sided:
+            return Perturbation(d, +1), Perturbation(0, 0)
+        if self.center:
+            return Perturbation(d, +1), Perturbation(d, -1), Perturbation(0, 0)
+        return Perturbation(d, +1), Perturbation(d, -1)
+
+    def estimate(self, losses: dict[int, list[tuple[float, ...]]]) -> dict[int, float]:
+        """The projected gradient of each direction from the step's losses ``{direction seed: [loss tuple per
+        micro-batch]}`` (tuples as :meth:`loss_runs`): MeZO's two-point estimate, averaged over micro-batches.
+
+        Args:
+            losses: as every rank sees them (reduced over ranks), all finite.
+        """
+        return {seed: sum(projected_grad(t[0], t[1], self.eps, self.one_sided) for t in per_batch) / len(per_batch)
+                for seed, per_batch in losses.items()}
+
+    def step_hyper(self, losses: dict[int, list[tuple[float, ...]]]) -> tuple[float, ...]:
+        """The rule's coefficients for this step's commit: :meth:`rule_hyper`, plus what a method derives from
+        the step's ``losses`` (as :meth:`estimate` receives them)."""
+        return self.rule_hyper()
 
     def transform_grad(self, g: float) -> float:
         """The scalar the update multiplies z by, from the projected gradient ``g`` (MeZO-SGD: ``g`` itself)."""
@@ -161,6 +193,34 @@ class ZOSGDSign(ZOSGD):
     Arguments as :class:`ZOSGD`.
     """
 
+    def perturbations(self) -> list[Perturbation]:
+        """The perturbed runs of one step (:func:`~zo2_lightning.engine.keys.step_perturbations`)."""
+        return step_perturbations(self.q, self.one_sided, self.center)
+
+    def loss_runs(self, d: int) -> tuple[Perturbation, ...]:
+        """The runs whose losses direction ``d``'s estimate reads, in the order of its loss tuple: ``(L+, L-)``,
+        ``(L+, L0)`` one-sided, ``(L+, L-, L0)`` with a center run."""
+        if self.one_sided:
+            return Perturbation(d, +1), Perturbation(0, 0)
+        if self.center:
+            return Perturbation(d, +1), Perturbation(d, -1), Perturbation(0, 0)
+        return Perturbation(d, +1), Perturbation(d, -1)
+
+    def estimate(self, losses: dict[int, list[tuple[float, ...]]]) -> dict[int, float]:
+        """The projected gradient of each direction from the step's losses ``{direction seed: [loss tuple per
+        micro-batch]}`` (tuples as :meth:`loss_runs`): MeZO's two-point estimate, averaged over micro-batches.
+
+        Args:
+            losses: as every rank sees them (reduced over ranks), all finite.
+        """
+        return {seed: sum(projected_grad(t[0], t[1], self.eps, self.one_sided) for t in per_batch) / len(per_batch)
+                for seed, per_batch in losses.items()}
+
+    def step_hyper(self, losses: dict[int, list[tuple[float, ...]]]) -> tuple[float, ...]:
+        """The rule's coefficients for this step's commit: :meth:`rule_hyper`, plus what a method derives from
+        the step's ``losses`` (as :meth:`estimate` receives them)."""
+        return self.rule_hyper()
+
     def transform_grad(self, g: float) -> float:
         return float((g > 0) - (g < 0))
 
@@ -191,7 +251,7 @@ class ZOSGDMomentum(ZOOptimizer):
                  momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"ZOSGDMomentum momentum must be in [0, 1), got {momentum}")
-        _stateless_q(self, kwargs.get("q", 1))
+        check_single_direction(self, kwargs.get("q", 1))
         super().__init__(params, lr, eps, weight_decay, _rule_defaults={"momentum": momentum}, **kwargs)
 
     def update_rule(self) -> UpdateRule:
@@ -221,7 +281,7 @@ class ZOAdam(ZOOptimizer):
             raise ValueError(f"ZOAdam betas must be two numbers in [0, 1), got {betas}")
         if not adam_eps > 0.0:
             raise ValueError(f"ZOAdam adam_eps must be > 0, got {adam_eps}")
-        _stateless_q(self, kwargs.get("q", 1))
+        check_single_direction(self, kwargs.get("q", 1))
         super().__init__(params, lr, eps, weight_decay, _rule_defaults={"betas": betas, "adam_eps": float(adam_eps)},
                          **kwargs)
 
@@ -233,7 +293,12 @@ class ZOAdam(ZOOptimizer):
         return (float(beta1), float(beta2), float(self._same_in_all_groups("adam_eps")))
 
 
-def _stateless_q(opt: ZOOptimizer, q: Any) -> None:
+def check_single_direction(opt: ZOOptimizer, q: Any) -> None:
+    """Refuse ``q > 1`` for an optimizer whose state (or estimate) combines one direction per step.
+
+    Raises:
+        ValueError: ``q != 1``, naming ``ZOSGD(q=...)`` as the way to q-SPSA.
+    """
     if q != 1:
         raise ValueError(
             f"{type(opt).__name__} supports q=1 only: its state would need the q directions' estimates combined"

@@ -64,18 +64,18 @@ def test_q_directions_share_one_upload_and_equal_separate_pairs():
 
 
 def test_kept_directions_give_the_same_bits_with_one_draw_less_per_step(monkeypatch):
-    from zo2_lightning.engine import spsa as spsa_mod
+    from zo2_lightning.engine import rules as rules_mod  # the default rule draws every tensor's z there
 
     results, draws = [], []
     for keep in (False, True):
         counter = {"n": 0}
-        real = spsa_mod.draw_direction
+        real = rules_mod.draw_direction
 
         def counting(out, *args, real=real, counter=counter):
             counter["n"] += out.numel()
             return real(out, *args)
 
-        monkeypatch.setattr(spsa_mod, "draw_direction", counting)
+        monkeypatch.setattr(rules_mod, "draw_direction", counting)
         model, batch = tiny_models.build("opt")
         options = EngineOptions(keep_directions=keep)
         engine = ZOEngine(model, discover_blocks(model), torch.device("cpu"), options, seed=SEED)

@@ -31,12 +31,14 @@ class RunKey(NamedTuple):
         return Perturbation(self.direction, self.sign)
 
 
-def step_perturbations(q: int, one_sided: bool = False) -> list[Perturbation]:
+def step_perturbations(q: int, one_sided: bool = False, center: bool = False) -> list[Perturbation]:
     """The perturbations of a step, direction 0's +eps first: 2q of them (central), or the q at +eps and one
-    unperturbed ``(0, 0)`` that every direction shares (``one_sided``)."""
+    unperturbed ``(0, 0)`` that every direction shares (``one_sided``); ``center``: the 2q central ones and the
+    unperturbed one as well (a method that also needs L(theta), e.g. HiZOO's curvature estimate)."""
     if one_sided:
         return [Perturbation(d, +1) for d in range(q)] + [Perturbation(0, 0)]
-    return [Perturbation(d, s) for d in range(q) for s in (+1, -1)]
+    central = [Perturbation(d, s) for d in range(q) for s in (+1, -1)]
+    return central + [Perturbation(0, 0)] if center else central
 
 
 #: the runs of a conservative step's trial: the step taken, no step, the step reversed

@@ -128,7 +128,7 @@ class ResidentParams:
         """Apply ``c`` now (the resident parameters never wait for an arrival)."""
         if not self.is_trainable:
             return
-        if self._z_key == (c.step, c.seed):
+        if self._z_key == (c.step, c.seed) and not self.spsa.rule.shapes_direction:  # a shaped z is not z
             z = self.z
         else:
             z = self._scratch()

@@ -19,7 +19,7 @@ import torch
 from zo2_lightning.engine.pinned import serving
 from zo2_lightning.engine.rules import UpdateRule
 from zo2_lightning.engine.seeds import RESIDENT_UNIT
-from zo2_lightning.engine.units import Unit
+from zo2_lightning.engine.units import Segment, Unit
 
 Buffers = list[list[torch.Tensor]]  # per segment of a unit, one flat per name in rule.state_names
 
@@ -30,6 +30,7 @@ class RuleState:
         self.device = device
         self.home = device if home is None else home
         self.buffers: dict[int, Buffers] = {}  # unit index -> buffers where they live
+        self.fresh: set[int] = set()  # units whose buffers were created and await the rule's init_state_
 
     @property
     def nbytes(self) -> int:
@@ -46,10 +47,27 @@ class RuleState:
             pin = home.type == "cpu" and self.device.type == "cuda"
             with serving(self.device):
                 self.buffers[unit.index] = [  # 16-bit parameters keep fp32 state (their update runs in fp32)
-                    self.rule.new_state(seg.trainable_numel, _state_dtype(seg.dtype), home, pin)
+                    self.rule.new_state(self._numel(seg), _state_dtype(seg.dtype), home, pin)
                     for seg in unit.segments
                 ]
+            self.fresh.add(unit.index)
         return self.buffers[unit.index]
+
+    def _numel(self, seg: Segment) -> int:
+        """State elements of a segment: each trainable tensor's ``rule.state_shape``, in seed order."""
+        return sum(self.rule.state_shape(span.shape).numel() for span in seg.spans[: seg.trainable_spans])
+
+    def tensor_views(self, unit: Unit, buffers: Buffers) -> list[list[torch.Tensor]]:
+        """Per trainable tensor of ``unit`` (seed order), its view of each state buffer, shaped by
+        ``rule.state_shape``."""
+        out = []
+        for seg, bufs in zip(unit.segments, buffers):
+            offset = 0
+            for span in seg.spans[: seg.trainable_spans]:
+                shape = self.rule.state_shape(span.shape)
+                out.append([b[offset : offset + shape.numel()].view(shape) for b in bufs])
+                offset += shape.numel()
+        return out
 
     def borrow(self, unit: Unit) -> Buffers:
         """The unit's buffers on ``device`` for an update (the same tensors when they live there)."""
@@ -89,6 +107,7 @@ class RuleState:
             for bufs_own, bufs in zip(own, bufs_saved):
                 for b, v in zip(bufs_own, bufs):
                     b.copy_(v)
+            self.fresh.discard(unit.index)  # the saved state was initialised by the run that wrote it
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:

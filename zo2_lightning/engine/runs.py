@@ -92,7 +92,7 @@ class StepRuns:
         if unit.is_trainable and self._trial is not None:
             self.spsa.trial(unit, self._flats, self._trial)
         elif unit.is_trainable and not self.spsa.regenerate:  # each run's copy is built as it takes its turn
-            zs = self.spsa.directions_of(unit, self._step, [self._seeds[d] for d in self._directions])
+            zs = self.spsa.directions_of(unit, self._step, [self._seeds[d] for d in self._directions], self._flats)
             self._block_z = dict(zip(self._directions, zs))
         self._copy_of = None
         self._block = i

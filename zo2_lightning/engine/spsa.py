@@ -29,9 +29,9 @@ from zo2_lightning.engine.ledger import Commit
 from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.perturb import perturb_into
 from zo2_lightning.engine.rounding import round_to_nearest, stochastic_round
-from zo2_lightning.engine.rules import UpdateRule
+from zo2_lightning.engine.rules import TensorKey, UpdateRule
 from zo2_lightning.engine.rule_state import RuleState
-from zo2_lightning.engine.seeds import derive_seed, draw_direction
+from zo2_lightning.engine.seeds import derive_seed
 from zo2_lightning.engine.units import Unit
 
 _ROUNDING_TAG = 1 << 40  # keeps rounding seeds apart from direction seeds (tensor indices are small)
@@ -69,13 +69,14 @@ class UnitSPSA:
         self.regenerate = options.regenerate_directions
         self._catch_up_scratch = "P" if self.regenerate else "z"
         self.distribution = distribution
-        self.keep_directions = options.keep_directions
+        self.rule = rule if rule is not None else UpdateRule()
+        # a shaped z (HiZOO, Sparse MeZO) is not what the update consumes: nothing kept from the runs serves it
+        self.keep_directions = options.keep_directions and not self.rule.shapes_direction
         self._kept: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (unit, step, seed) -> z
         self._spare: list[list[torch.Tensor]] = []  # kept-z buffers given back by updates, reused
         self.group_of = group_of
         self.storage_dtype = options.storage_dtype
         self._round = stochastic_round if options.stochastic_rounding else round_to_nearest
-        self.rule = rule if rule is not None else UpdateRule()
         self.state = RuleState(self.rule, device, torch.device("cpu") if options.offload else device)
         self.generator = torch.Generator(device="cpu" if device.type == "meta" else device)  # meta: a dry run
         self._sizes: dict[torch.dtype, int] = {}
@@ -120,13 +121,40 @@ class UnitSPSA:
 
     # ------------------------------------------------------------------ arithmetic
     def draw(self, unit: Unit, step: int, seed: int, z: list[torch.Tensor]) -> None:
-        """z of every trainable tensor of ``unit`` for (seed, step), into ``z`` (one flat per segment)."""
+        """z of every trainable tensor of ``unit`` for (seed, step), into ``z`` (one flat per segment), by the
+        rule's :meth:`~.rules.UpdateRule.draw_`."""
         for j, zz in enumerate(unit.trainable_views(z)):
-            draw_direction(zz, derive_seed(seed, step, unit.index, j), self.generator, self.distribution)
+            self.rule.draw_(zz, TensorKey(seed, step, unit.index, j), self.generator, self.distribution)
 
-    def directions_of(self, unit: Unit, step: int, seeds: Sequence[int]) -> list[list[torch.Tensor]]:
+    def shape(self, unit: Unit, flats: list[torch.Tensor], z: list[torch.Tensor]) -> None:
+        """z -> the direction the perturbed runs read (the rule's :meth:`~.rules.UpdateRule.perturbation_`, tensor
+        by tensor, from the unit's current values and its state); nothing for rules that perturb along z."""
+        if not self.rule.shapes_direction:
+            return
+        states = self.tensor_states(unit, flats)
+        for zz, w, st in zip(unit.trainable_views(z), unit.trainable_views(flats), states):
+            self.rule.perturbation_(zz, w, st)
+
+    def tensor_states(self, unit: Unit, flats: list[torch.Tensor], borrowed=None) -> list[list[torch.Tensor]]:
+        """Per trainable tensor, its views of the rule's state on the working device (``borrowed``: the unit's
+        buffers already there); state created now is set by the rule's ``init_state_`` from ``flats`` first."""
+        state = self.state
+        if not self.rule.stateful:
+            return [[] for _ in range(unit.trainable_count)]
+        bufs = state.borrow(unit) if borrowed is None else borrowed
+        views = state.tensor_views(unit, bufs)
+        if unit.index in state.fresh:
+            for w, st in zip(unit.trainable_views(flats), views):
+                self.rule.init_state_(w, st)
+            state.give_back(unit, bufs)
+            state.fresh.discard(unit.index)
+        return views
+
+    def directions_of(self, unit: Unit, step: int, seeds: Sequence[int],
+                      flats: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
         """z of every direction for ``unit`` at ``step``, drawn once: into buffers that wait for the update
-        (``keep_directions``) or into the block scratch."""
+        (``keep_directions``) or into the block scratch; shaped for the runs where the rule shapes it (from the
+        unit's ``flats``)."""
         out = []
         for d, seed in enumerate(seeds):
             if self.keep_directions:
@@ -137,6 +165,8 @@ class UnitSPSA:
             else:
                 z = self.views(z_name(d), unit)
             self.draw(unit, step, seed, z)
+            if flats is not None:
+                self.shape(unit, flats, z)
             out.append(z)
         return out
 
@@ -152,6 +182,7 @@ class UnitSPSA:
         """``out = theta + scale * z`` with z drawn into ``out`` itself (no z buffer); the same bits as
         :meth:`perturb_one` with a stored z."""
         self.draw(unit, step, seed, out)
+        self.shape(unit, flats, out)
         self._perturb_in_place(unit, flats, out, scale)
 
     @staticmethod
@@ -180,6 +211,7 @@ class UnitSPSA:
         for d, seed in enumerate(seeds):
             zd = out[Perturbation(d, +1)] if z is None else z
             self.draw(unit, step, seed, zd)
+            self.shape(unit, flats, zd)
             for s in signs:
                 if z is None and s == +1:
                     continue
@@ -250,31 +282,42 @@ class UnitSPSA:
         groups = [self.group_of[id(p)] for p in unit.trainable_params]
         hyper = {(c.lrs[g], c.weight_decays[g]) for g in groups}
         half = any(seg.trainable_numel and seg.dtype in HALF_DTYPES for seg in unit.segments)
-        if len(hyper) == 1 and not half:  # one op over each segment's trainable head
+        states = self.tensor_states(unit, flats, state)  # (state created now is initialised first)
+        if len(hyper) == 1 and not half and not rule.per_tensor:  # one op over each segment's trainable head
             lr, wd = hyper.pop()
             for seg, w, zz, st in zip(unit.segments, flats, z, state):
                 n = seg.trainable_numel
                 if n:
                     rule.apply_(w[:n], zz[:n], st, c.g, lr, wd, c.hyper, c.t)
         else:  # tensor by tensor, in seed order
-            per_tensor = [unit.trainable_views(list(bufs)) for bufs in zip(*state)] if rule.stateful else []
-            for j, (w, zz, g) in enumerate(zip(unit.trainable_views(flats), unit.trainable_views(z), groups)):
-                st = [views[j] for views in per_tensor]
+            for j, (w, zz, g, st) in enumerate(zip(unit.trainable_views(flats), unit.trainable_views(z), groups,
+                                                  states)):
+                key = TensorKey(c.seed, c.step, unit.index, j)
                 if w.dtype in HALF_DTYPES:
-                    self._apply_half(unit, j, w, zz, st, c, c.lrs[g], c.weight_decays[g])
+                    self._apply_half(key, w, zz, st, c, c.lrs[g], c.weight_decays[g])
+                elif rule.per_tensor:
+                    rule.update_(w, zz, st, c, c.lrs[g], c.weight_decays[g], key, self.generator)
                 else:
                     rule.apply_(w, zz, st, c.g, c.lrs[g], c.weight_decays[g], c.hyper, c.t)
         self.state.give_back(unit, state)
 
-    def _apply_half(self, unit: Unit, j: int, w: torch.Tensor, z: torch.Tensor, state: list[torch.Tensor],
+    def _apply_half(self, key: TensorKey, w: torch.Tensor, z: torch.Tensor, state: list[torch.Tensor],
                     c: Commit, lr: float, wd: float) -> None:
-        """Tensor ``j`` of ``unit`` in 16 bit: the rule in fp32 on chunks, each rounded back (see HALF_CHUNK)."""
+        """Tensor ``key.tensor`` of unit ``key.unit`` in 16 bit: the rule in fp32 on chunks, each rounded back (see
+        HALF_CHUNK); a ``per_tensor`` rule's update takes the whole tensor as one chunk."""
+        rule, j = self.rule, key.tensor
+        if rule.per_tensor:
+            theta = w.float()
+            rule.update_(theta, z.float(), state, c, lr, wd, key, self.generator)
+            self.generator.manual_seed(derive_seed(c.seed, c.step, key.unit, HALF_TAG + (j << 20)))
+            w.copy_(self._round(theta, w.dtype, self.generator))
+            return
         wf, zf, sf = w.view(-1), z.view(-1), [s.view(-1) for s in state]
         for i, start in enumerate(range(0, wf.numel(), HALF_CHUNK)):
             part = slice(start, start + HALF_CHUNK)
             theta = wf[part].float()
-            self.rule.apply_(theta, zf[part].float(), [s[part] for s in sf], c.g, lr, wd, c.hyper, c.t)
-            self.generator.manual_seed(derive_seed(c.seed, c.step, unit.index, HALF_TAG + (j << 20) + i))
+            rule.apply_(theta, zf[part].float(), [s[part] for s in sf], c.g, lr, wd, c.hyper, c.t)
+            self.generator.manual_seed(derive_seed(c.seed, c.step, key.unit, HALF_TAG + (j << 20) + i))
             wf[part].copy_(self._round(theta, w.dtype, self.generator))
 
     def round_to_storage(self, unit: Unit, flats: list[torch.Tensor], c: Commit) -> None:

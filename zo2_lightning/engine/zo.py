@@ -190,7 +190,8 @@ class ZOEngine:
         chunks: int,
         one_sided: bool = False,
         perturbations: Sequence[Perturbation] | None = None,
-    ) -> list[list[tuple[Any, Any]]]:
+        center: bool = False,
+    ) -> list[list[tuple[Any, ...]]]:
         """:meth:`run_directions` for ``chunks`` micro-batches at once: ``fn(key)`` runs micro-batch ``key.chunk``,
         and all ``chunks`` x 2q runs share one residency of each block (the transfer is paid once per step, not
         once per micro-batch; each block's compute temporaries exist for one micro-batch at a time). Returns
@@ -201,16 +202,21 @@ class ZOEngine:
         only for the directions run. What is committed afterwards does not depend on it: every process may commit
         every direction.
 
+        ``center``: the central runs and one more at theta itself (direction 0, sign 0); returns
+        ``[(out+, out-, out0)]`` per direction (a method that also needs L(theta), e.g. HiZOO's curvature).
+
         Raises:
             ValueError: ``perturbations`` names one that is not the step's.
         """
         q = range(len(seeds))
         self.spsa.prune_kept(int(step), self.ledger.keys())
-        runs = _subset(step_perturbations(len(q), one_sided), perturbations)
+        runs = _subset(step_perturbations(len(q), one_sided, center and not one_sided), perturbations)
         results = self._run_lockstep(fn, runs, chunks, step, eps, seeds)
         get = lambda d, s, m: results.get(RunKey(d, s, m))  # noqa: E731 - None where another process ran it
         if one_sided:
             return [[(get(d, +1, m), get(0, 0, m)) for d in q] for m in range(chunks)]
+        if center:
+            return [[(get(d, +1, m), get(d, -1, m), get(0, 0, m)) for d in q] for m in range(chunks)]
         return [[(get(d, +1, m), get(d, -1, m)) for d in q] for m in range(chunks)]
 
     def run_trial(

@@ -31,7 +31,7 @@ from torch import nn
 
 from zo2_lightning.engine import Perturbation, direction_seed
 
-Losses = dict[int, list[tuple[float | None, float | None]]]
+Losses = dict[int, list[tuple[float | None, ...]]]  # per direction seed, per micro-batch: (L+, L-[, L0])
 
 #: the two ways ranks share the work of a step
 DIRECTION_MODES = ("shared", "independent")
@@ -195,8 +195,9 @@ def _pack(measured: Losses, device: torch.device) -> torch.Tensor:
     rows = list(measured.values())
     if len({len(r) for r in rows}) != 1:
         raise RuntimeError(f"every direction needs the same number of micro-batches, got {[len(r) for r in rows]}")
-    values = [_zero_filled(pair) for row in rows for pair in row]
-    return torch.tensor(values, dtype=torch.float64, device=device).reshape(len(rows), len(rows[0]), 2)
+    values = [_zero_filled(pair) for row in rows for pair in row]  # (L+, L-), or (L+, L-, L0) with a center run
+    width = len(rows[0][0])
+    return torch.tensor(values, dtype=torch.float64, device=device).reshape(len(rows), len(rows[0]), width)
 
 
 def _zero_filled(values: Sequence[float | None]) -> list[float]:
@@ -206,4 +207,4 @@ def _zero_filled(values: Sequence[float | None]) -> list[float]:
 
 def _unpack(packed: torch.Tensor, seeds: list[int]) -> Losses:
     values = packed.cpu().tolist()  # sync point: the commit needs g on the host
-    return {seed: [(float(p), float(m)) for p, m in pairs] for seed, pairs in zip(seeds, values)}
+    return {seed: [tuple(float(v) for v in pair) for pair in pairs] for seed, pairs in zip(seeds, values)}

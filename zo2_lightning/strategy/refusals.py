@@ -100,9 +100,9 @@ def check_step(optimizer: ZOOptimizer, trainer: Trainer, stateful_rule: bool, wo
             " directions are separate updates, which a momentum/Adam state or a conservative trial cannot"
             " combine. Use directions='shared' (MeZO on the global batch)."
         )
-    runs = optimizer.q + 1 if optimizer.one_sided else 2 * optimizer.q
+    runs = len(optimizer.perturbations())
     if runs % group_size:
-        count = "q + 1" if optimizer.one_sided else "2q"
+        count = "q + 1" if optimizer.one_sided else ("2q + 1" if optimizer.center else "2q")
         fits = [g for g in range(1, runs + 1) if runs % g == 0]
         idle = ", and some would idle" if group_size > runs else ""
         raise ValueError(

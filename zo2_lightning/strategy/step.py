@@ -16,6 +16,7 @@ placement, processes or checkpoints: those are the strategy's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from zo2_lightning.engine import Commit, Perturbation, RunKey, ZOEngine, projected_grad
-from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, step_perturbations
+from zo2_lightning.engine import Commit, RunKey, ZOEngine
+from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, Perturbation
 from zo2_lightning.engine.perturb import all_finite
 from zo2_lightning.optim import ZOOptimizer
 from zo2_lightning.strategy.batches import split_batch
@@ -39,10 +40,10 @@ Run = Callable[[RunKey], Any]
 @dataclass
 class _Measured:
     """What the training steps since the last commit measured: per micro-batch ``{direction seed: (L+, L-)}``
-    (``None`` for a run another member of this rank's group made), and the last batch's runs (a conservative trial
+    (``(L+, L-, L0)`` with a center run; ``None`` for a run another member of this rank's group made), and the last batch's runs (a conservative trial
     evaluates the same batch again)."""
 
-    losses: list[dict[int, tuple[float | None, float | None]]] = field(default_factory=list)
+    losses: list[dict[int, tuple[float | None, ...]]] = field(default_factory=list)
     last_run: Run | None = None
 
 
@@ -87,7 +88,7 @@ class ZOStep:
         """
         optimizer, chunks = self.optimizer, self.micro_batches
         parts = split_batch(args[0], chunks) if chunks > 1 else None
-        runs = self.reduction.share(step_perturbations(optimizer.q, optimizer.one_sided))
+        runs = self.reduction.share(optimizer.perturbations())
 
         def run(key: RunKey) -> Any:
             if parts is None:
@@ -97,25 +98,26 @@ class ZOStep:
         seeds = self.reduction.seeds(self.engine.seed, optimizer.q)
         with self._forward_mode(module, log=runs[0]), self._step_context(), torch.no_grad(), _no_backward():
             per_chunk = self.engine.run_chunks(run, global_step, optimizer.eps, seeds, chunks, optimizer.one_sided,
-                                               perturbations=runs)
+                                               perturbations=runs, center=optimizer.center)
         self._measured.last_run = run if optimizer.conservative else None
         mine = set(runs)
-        minus_of = (lambda d: Perturbation(0, 0)) if optimizer.one_sided else (lambda d: Perturbation(d, -1))
         for outs in per_chunk:  # each micro-batch is measured as accumulate_grad_batches would measure it
-            self._measured.losses.append({  # sync point: g needs both on host
-                seed: (_loss(plus, Perturbation(d, +1) in mine), _loss(minus, minus_of(d) in mine))
-                for d, (seed, (plus, minus)) in enumerate(zip(seeds, outs))
+            self._measured.losses.append({  # sync point: g needs the losses on host
+                seed: tuple(_loss(out, p in mine) for out, p in zip(outs_d, optimizer.loss_runs(d)))
+                for d, (seed, outs_d) in enumerate(zip(seeds, outs))
             })
         first = runs[0]
-        return _mean_output([outs[first.direction][0 if first.sign > 0 else 1] for outs in per_chunk])
+        at = optimizer.loss_runs(first.direction).index(first)
+        return _mean_output([outs[first.direction][at] for outs in per_chunk])
 
     # ------------------------------------------------------------------ losses -> commits
     def commit(self, module: LightningModule, global_step: int, clip: float | None = None) -> None:
         """Commit the step from the accumulated measurements and log ``zo/*``.
 
         With k micro-batches (``micro_batches`` or ``accumulate_grad_batches``) and q directions, direction d gets
-        ``g_d = mean over micro-batches of (L+ - L-) / (2 eps)``, clipped to ``[-clip, clip]`` when ``clip`` is set,
-        and the update ``-lr * (g_d / q) * z_d``.
+        the optimizer's estimate ``g_d`` (:meth:`~zo2_lightning.optim.ZOOptimizer.estimate`; MeZO: the mean over
+        micro-batches of ``(L+ - L-) / (2 eps)``), clipped to ``[-clip, clip]`` when ``clip`` is set, and the update
+        ``-lr * (g_d / q) * z_d`` (through the optimizer's rule).
 
         Raises:
             RuntimeError: nothing was measured since the last commit.
@@ -129,13 +131,12 @@ class ZOStep:
         optimizer, engine = self.optimizer, self.engine
         lrs, wds = optimizer.hyperparameters()
         values = [v for pairs in per_direction.values() for pair in pairs for v in pair]
-        grads = {seed: sum(projected_grad(p, m, optimizer.eps, optimizer.one_sided) for p, m in pairs) / len(pairs)
-                 for seed, pairs in per_direction.items()}
-        q = len(grads)
         logs: list[tuple[str, float]] = []
         if all_finite(*values):
+            grads = optimizer.estimate(per_direction)
+            q = len(grads)
             self.consecutive_skips = 0
-            hyper = optimizer.rule_hyper()
+            hyper = optimizer.step_hyper(per_direction)
             commits = []
             for seed, g in grads.items():
                 if clip:
@@ -149,12 +150,13 @@ class ZOStep:
             for c in commits:
                 engine.commit(c)
         else:
+            grads = {seed: math.nan for seed in per_direction}
             self._skip_non_finite(global_step, values)
         all_pairs = [pair for pairs in per_direction.values() for pair in pairs]
         for name, value in (*logs,
-                            ("zo/loss_plus", sum(p for p, _ in all_pairs) / len(all_pairs)),
-                            ("zo/loss_minus", sum(m for _, m in all_pairs) / len(all_pairs)),
-                            ("zo/projected_grad", sum(grads.values()) / q),
+                            ("zo/loss_plus", sum(p[0] for p in all_pairs) / len(all_pairs)),
+                            ("zo/loss_minus", sum(p[1] for p in all_pairs) / len(all_pairs)),
+                            ("zo/projected_grad", sum(grads.values()) / len(grads)),
                             ("zo/lr", lrs[0]),
                             ("zo/skipped_steps", float(self.skipped_steps))):
             module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
