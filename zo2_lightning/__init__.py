@@ -14,12 +14,13 @@ from typing import Any
 
 from zo2_lightning._registration import register as _register
 from zo2_lightning.module import ZOModule
+from zo2_lightning.methods import FZOO, LOZO, LOZOM, HiZOO, SparseMeZO
 from zo2_lightning.optim import ZOSGD, ZOAdam, ZOOptimizer, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
 
 _register()
 
 __all__ = ["ZO2OffloadStrategy", "ZOModule", "ZOOptimizer", "ZOSGD", "ZOAdam", "ZOSGDCons", "ZOSGDMomentum",
-           "ZOSGDSign"]
+           "ZOSGDSign", "HiZOO", "LOZO", "LOZOM", "SparseMeZO", "FZOO"]
 __version__ = "0.1.0"
 
 
