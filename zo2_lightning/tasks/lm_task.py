@@ -4,6 +4,8 @@
 ``module/`` config builds it and ``zo2_lightning.train`` hands it to ``Trainer(strategy="zo2_offload")``.
 
 ``training_step`` returns an ordinary scalar loss; the ``zo2_offload`` strategy runs it at +eps and -eps.
+With ``objective="accuracy"`` or ``"f1"`` it returns minus that metric of the batch instead (MeZO's
+non-differentiable objectives): SPSA needs only the objective's value, never its gradient.
 Validation and test score each batch as its ``kind`` says (see :mod:`zo2_lightning.tasks.collate`) and
 log torchmetrics: ``{stage}/acc`` for choice and masked tasks, ``{stage}/f1`` and ``{stage}/em`` (SQuAD
 normalisation, in percent) for generation, ``{stage}/loss`` for plain LM batches; ``{stage}/score`` is the
@@ -20,6 +22,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
+from torchmetrics.functional.text import squad as squad_scores
 from torchmetrics.text import SQuAD
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -35,6 +38,9 @@ from zo2_lightning.tasks.scoring import (
 )
 
 _MODEL_INPUTS = ("input_ids", "attention_mask")
+#: What ``training_step`` can return: the loss, or minus a metric that has no gradient (zeroth order only).
+OBJECTIVES = ("loss", "accuracy", "f1")
+_SCORED_KINDS = ("choice", "masked")  # batches with options to pick from: what accuracy is computed on
 
 
 class LMTask(ZOModule, L.LightningModule):
@@ -49,6 +55,13 @@ class LMTask(ZOModule, L.LightningModule):
         head_chunk_mib: LM and choice losses apply the head only at the positions they read, in chunks whose
             logits stay under this many MiB (decoder families of :mod:`.tasks.head_loss`; others, and ``None``,
             take the model's full logits). The loss is the same up to float summation order.
+        objective: what ``training_step`` returns (see :meth:`training_objective`): ``"loss"`` (cross-entropy
+            or LM loss), ``"accuracy"`` (minus the batch's accuracy; choice and masked batches) or ``"f1"``
+            (minus the mean SQuAD F1 of the greedy answers, as a fraction; generation batches). The metrics
+            have no gradient, so they train only under a zeroth-order strategy (``zo2_offload``).
+
+    Raises:
+        ValueError: for a ``head_chunk_mib`` that is not positive, or an ``objective`` not in :data:`OBJECTIVES`.
     """
 
     def __init__(
@@ -60,8 +73,13 @@ class LMTask(ZOModule, L.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         max_new_tokens: int = 50,
         head_chunk_mib: float | None = 256.0,
+        objective: str = "loss",
     ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}: use one of {', '.join(map(repr, OBJECTIVES))}"
+                             " (e.g. `module.objective=accuracy`).")
+        self.objective = objective
         self.model = model
         self.tokenizer = tokenizer
         self.optimizer_factory = optimizer
@@ -114,10 +132,64 @@ class LMTask(ZOModule, L.LightningModule):
         logits = self.logits(batch)
         return choice_scores(logits, batch) if batch["kind"] == "choice" else masked_scores(logits, batch)
 
+    def _correct(self, batch: dict) -> torch.Tensor:
+        """``(B,)`` 1.0 where the highest-scoring candidate of a choice or masked batch is the gold one, else 0.0."""
+        return (self._scores(batch).argmax(-1) == batch["gold"]).float()
+
+    def training_objective(self, batch: dict) -> torch.Tensor:
+        """What a training step minimises, as a 0-dim float tensor: lower is better for every objective.
+
+        ``"loss"``: :meth:`loss`. ``"accuracy"``: minus the fraction of examples whose highest-scoring candidate
+        is the gold one, scored as validation scores them (in ``[-1, 0]``). ``"f1"``: minus the mean SQuAD F1 of
+        the greedy answers, as validation computes it but as a fraction (in ``[-1, 0]``); a perturbed run whose
+        answers end sooner makes fewer forwards than the other, which the lockstep allows (a finished run drops
+        out). Neither metric has a gradient: they train only by zeroth order.
+
+        Raises:
+            ValueError: the batch's kind has no such metric (accuracy needs candidates to pick from, F1 needs a
+                generation batch); the message names the objective that fits.
+        """
+        if self.objective == "loss":
+            return self.loss(batch)
+        kind = batch["kind"]
+        if self.objective == "accuracy":
+            if kind not in _SCORED_KINDS:
+                raise ValueError(
+                    f"objective='accuracy' picks the highest-scoring candidate, but this training batch is of kind"
+                    f" {kind!r}, which has no candidates{_kind_note(kind)}. Use `module.objective="
+                    f"{_OBJECTIVE_OF.get(kind, 'loss')}` for it; accuracy fits classification and masked-LM tasks."
+                )
+            return -self._correct(batch).mean()
+        if kind != "generate":
+            raise ValueError(
+                f"objective='f1' scores greedy-decoded answers, but this training batch is of kind {kind!r}"
+                f"{_kind_note(kind)}. Use `module.objective={_OBJECTIVE_OF.get(kind, 'loss')}` for it; F1 fits"
+                " generation batches (kind 'generate': prompts and their answers)."
+            )
+        f1 = squad_scores(*self._squad_inputs(batch))["f1"]  # percent
+        return -(f1.float() / 100).to(batch["input_ids"].device)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        """The batch's :meth:`training_objective`, logged as ``train/loss`` (minus the metric for ``accuracy`` and
+        ``f1``)."""
+        loss = self.training_objective(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_fit_start(self) -> None:
+        """Refuse a metric objective under a strategy that would backpropagate it (it has no gradient).
+
+        Raises:
+            ValueError: ``objective`` is not ``"loss"`` and the trainer's strategy is not ``zo2_offload``.
+        """
+        from zo2_lightning.strategy import ZO2OffloadStrategy
+
+        if self.objective != "loss" and not isinstance(self.trainer.strategy, ZO2OffloadStrategy):
+            raise ValueError(
+                f"objective={self.objective!r} has no gradient: it trains only by zeroth order, under"
+                f" Trainer(strategy='zo2_offload') (or 'zo2_resident'), not {type(self.trainer.strategy).__name__};"
+                " or use `module.objective=loss`."
+            )
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         metrics = self.metrics[stage]
@@ -129,14 +201,17 @@ class LMTask(ZOModule, L.LightningModule):
             metrics["loss"].update(self._lm_loss(batch))
             self.log(f"{stage}/loss", metrics["loss"], batch_size=size)
             return
-        scores = self._scores(batch)
-        correct = (scores.argmax(-1) == batch["gold"]).float()
+        correct = self._correct(batch)
         metrics["acc"].update(correct)
         metrics["score"].update(correct * 100)
         self.log(f"{stage}/acc", metrics["acc"], prog_bar=True, batch_size=correct.shape[0])
         self.log(f"{stage}/score", metrics["score"], batch_size=correct.shape[0])
 
-    def _score_generation(self, batch: dict, squad: SQuAD) -> None:
+    def _score_generation(self, batch: dict, metric: SQuAD) -> None:
+        metric.update(*self._squad_inputs(batch))
+
+    def _answers(self, batch: dict) -> list[str]:
+        """The greedy answers of a ``generate`` batch (left-padded prompts), each up to its first newline."""
         prompt_len = batch["input_ids"].shape[1]
         out = self.model.generate(
             input_ids=batch["input_ids"],
@@ -146,10 +221,14 @@ class LMTask(ZOModule, L.LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-        preds = [{"prediction_text": first_line(t), "id": str(i)} for i, t in enumerate(texts)]
+        return [first_line(t) for t in texts]
+
+    def _squad_inputs(self, batch: dict) -> tuple[list[dict], list[dict]]:
+        """``(preds, target)`` of a generation batch, as torchmetrics' SQuAD takes them."""
+        preds = [{"prediction_text": a, "id": str(i)} for i, a in enumerate(self._answers(batch))]
         target = [{"answers": {"text": list(a), "answer_start": [0] * len(a)}, "id": str(i)}
                   for i, a in enumerate(batch["answers"])]
-        squad.update(preds, target)
+        return preds, target
 
     def _log_generation(self, stage: str) -> None:
         squad = self.metrics[stage]["squad"]
@@ -181,6 +260,20 @@ class LMTask(ZOModule, L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+#: Why a batch kind has no metric an objective asks for, and the objective that fits it.
+_KIND_NOTE = {
+    "lm": "plain text, or the gold continuation that multiple-choice and generation tasks train on by LM loss",
+    "generate": "prompts to answer by greedy decoding",
+    "choice": "candidates scored after a prompt",
+    "masked": "label words scored at the mask",
+}
+_OBJECTIVE_OF = {"lm": "loss", "generate": "f1", "choice": "accuracy", "masked": "accuracy"}
+
+
+def _kind_note(kind: str) -> str:
+    return f" ({_KIND_NOTE[kind]})" if kind in _KIND_NOTE else ""
 
 
 def _forward(model: nn.Module, batch: dict) -> Any:
