@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zo2_lightning"
 #: layer of each module, by the first matching prefix (most specific first)
 LAYERS = [
     ("zo2_lightning.engine", 0),
-    ("zo2_lightning.module", 1), ("zo2_lightning.optim", 1), ("zo2_lightning.peft", 1),
+    ("zo2_lightning.module", 1), ("zo2_lightning.optim", 1), ("zo2_lightning.methods", 1), ("zo2_lightning.peft", 1),
     ("zo2_lightning.policies", 1), ("zo2_lightning.models", 1),
     ("zo2_lightning.strategy", 2), ("zo2_lightning.tasks", 2), ("zo2_lightning.callbacks", 2),
     ("zo2_lightning._registration", 2),

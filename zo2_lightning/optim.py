@@ -26,6 +26,10 @@ optimizer                     update                                      extra 
 ``ZOSGDMomentum``             ZO-SGD-MMT, torch.optim.SGD momentum        1x trainable params
 ``ZOAdam``                    ZO-Adam, torch.optim.Adam                   2x trainable params
 ============================  ==========================================  =======================
+
+The methods published since (HiZOO, LOZO, LOZO-M, Sparse MeZO, FZOO) are in :mod:`zo2_lightning.methods`, built on
+the hooks of :class:`ZOOptimizer` (:meth:`~ZOOptimizer.perturbations`, :meth:`~ZOOptimizer.estimate`,
+:meth:`~ZOOptimizer.step_hyper`) and of :class:`~zo2_lightning.engine.rules.UpdateRule`.
 """
 
 from __future__ import annotations
