@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from torch.utils.data import DataLoader
 
@@ -89,3 +90,22 @@ def assert_params_equal(model: torch.nn.Module, expected: torch.nn.Module, initi
             assert not p.requires_grad or not torch.equal(p, q), f"{n} did not change: the test would prove nothing"
     for (n, p), (_, q) in zip(model.named_parameters(), expected.named_parameters()):
         assert torch.equal(p, q), f"{n}: max diff {(p - q).abs().max().item()}"
+
+
+def resume_against_uninterrupted(make_task: Any, batches: list[dict], tmp_path: Any, steps: int = 4,
+                                 at: int = 2) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, dict]:
+    """Fit ``make_task()`` for ``steps`` steps; fit another from the same start with a checkpoint at step ``at`` (an
+    epoch's end: the loaders are not resumable mid-epoch) and resume a third from it to ``steps``. Returns the
+    resumed model, the uninterrupted one, the start, and the checkpoint's zo2 entry."""
+    uninterrupted = make_task()
+    initial = clone_model(uninterrupted)
+    trainer(max_steps=steps).fit(uninterrupted, loader(batches))
+    first = make_task()
+    first.model.load_state_dict(initial.state_dict())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=at, save_top_k=-1, filename="{step}")
+    trainer(max_steps=at + 1, enable_checkpointing=True, callbacks=[ckpt]).fit(first, loader(batches))
+    path = tmp_path / f"step={at}.ckpt"
+    saved = torch.load(path, weights_only=True)["zo2_lightning"]
+    resumed = make_task()
+    trainer(max_steps=steps).fit(resumed, loader(batches), ckpt_path=path)
+    return resumed.model, uninterrupted.model, initial, saved

@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests import dist_helpers as dh
 from tests import method_references as mr
 from tests import tiny_models
-from tests.lit_helpers import SEED, TinyTask, assert_params_equal, clone_model, loader, trainer, zo_strategy
+from tests.lit_helpers import (SEED, TinyTask, assert_params_equal, clone_model, loader, resume_against_uninterrupted,
+                               trainer, zo_strategy)
 from zo2_lightning import FZOO, LOZO, LOZOM, HiZOO, SparseMeZO
 from zo2_lightning.engine.rules import TensorKey
 from zo2_lightning.methods import LOZORule, magnitude_threshold
@@ -65,22 +65,12 @@ def test_method_with_q2_equals_the_reference(name):
 def test_method_fit_2_checkpoint_resume_2_equals_fit_4_bitwise(name, tmp_path):
     """Every state the method keeps (HiZOO's Hessian, LOZO-M's momentum, the sparse thresholds) and everything it
     derives from the step (LOZO's V, FZOO's normalisation) survives a checkpoint and resume."""
-    batches = tiny_models.batches(ARCH, 2)
-    uninterrupted = _task(name)
-    initial = clone_model(uninterrupted)
-    trainer(max_steps=4).fit(uninterrupted, loader(batches))
-
-    first = _task(name)
-    first.model.load_state_dict(initial.state_dict())
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer(max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(first, loader(batches))
-    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=True)["zo2_lightning"]["rule_state"]
-    optimizer = first.optimizers().optimizer
-    assert saved["updates"] == 2 * optimizer.q and saved["rule"] == optimizer.update_rule().name
-
-    resumed = _task(name)  # resumes at an epoch's start: the loader is not resumable mid-epoch
-    trainer(max_steps=4).fit(resumed, loader(batches), ckpt_path=tmp_path / "step=2.ckpt")
-    assert_params_equal(resumed.model, uninterrupted.model, initial)
+    resumed, uninterrupted, initial, saved = resume_against_uninterrupted(
+        lambda: _task(name), tiny_models.batches(ARCH, 2), tmp_path)
+    optimizer, options, _ = METHODS[name]
+    rule = optimizer(torch.nn.Linear(1, 1).parameters(), **options).update_rule()
+    assert saved["rule_state"]["rule"] == rule.name and saved["rule_state"]["updates"] == 2 * options.get("q", 1)
+    assert_params_equal(resumed, uninterrupted, initial)
 
 
 def _fit(name, strategy, steps=3, batch_size=2, **trainer_kwargs):

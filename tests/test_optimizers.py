@@ -5,7 +5,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests import reference, tiny_models
-from tests.lit_helpers import SEED, TinyTask, TwoGroupTask, assert_params_equal, clone_model, loader, trainer
+from tests.lit_helpers import (SEED, TinyTask, TwoGroupTask, assert_params_equal, clone_model, loader,
+                               resume_against_uninterrupted, trainer)
 from zo2_lightning import ZO2OffloadStrategy, ZOSGD, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
 from zo2_lightning.engine import draw_direction
 
@@ -92,21 +93,10 @@ def test_adam_with_param_groups_of_their_own_lr_equals_torch_adam():
 
 def test_adam_fit_2_checkpoint_resume_2_equals_fit_4_bitwise(tmp_path):
     """The moments and the update count travel in the checkpoint: resuming continues Adam exactly."""
-    batches = tiny_models.batches("llama", 2)
-    uninterrupted = _task(ZOAdam)
-    initial = clone_model(uninterrupted)
-    trainer(max_steps=4).fit(uninterrupted, loader(batches))
-
-    first = _task(ZOAdam)
-    first.model.load_state_dict(initial.state_dict())
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer(max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(first, loader(batches))
-    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=True)["zo2_lightning"]["rule_state"]
-    assert saved["rule"] == "adam" and saved["updates"] == 2
-
-    resumed = _task(ZOAdam)
-    trainer(max_steps=4).fit(resumed, loader(batches), ckpt_path=tmp_path / "step=2.ckpt")
-    assert_params_equal(resumed.model, uninterrupted.model, initial)
+    resumed, uninterrupted, initial, saved = resume_against_uninterrupted(
+        lambda: _task(ZOAdam), tiny_models.batches("llama", 2), tmp_path)
+    assert saved["rule_state"]["rule"] == "adam" and saved["rule_state"]["updates"] == 2
+    assert_params_equal(resumed, uninterrupted, initial)
 
 
 def test_resuming_with_another_rule_is_refused(tmp_path):

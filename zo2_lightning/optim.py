@@ -197,34 +197,6 @@ class ZOSGDSign(ZOSGD):
     Arguments as :class:`ZOSGD`.
     """
 
-    def perturbations(self) -> list[Perturbation]:
-        """The perturbed runs of one step (:func:`~zo2_lightning.engine.keys.step_perturbations`)."""
-        return step_perturbations(self.q, self.one_sided, self.center)
-
-    def loss_runs(self, d: int) -> tuple[Perturbation, ...]:
-        """The runs whose losses direction ``d``'s estimate reads, in the order of its loss tuple: ``(L+, L-)``,
-        ``(L+, L0)`` one-sided, ``(L+, L-, L0)`` with a center run."""
-        if self.one_sided:
-            return Perturbation(d, +1), Perturbation(0, 0)
-        if self.center:
-            return Perturbation(d, +1), Perturbation(d, -1), Perturbation(0, 0)
-        return Perturbation(d, +1), Perturbation(d, -1)
-
-    def estimate(self, losses: dict[int, list[tuple[float, ...]]]) -> dict[int, float]:
-        """The projected gradient of each direction from the step's losses ``{direction seed: [loss tuple per
-        micro-batch]}`` (tuples as :meth:`loss_runs`): MeZO's two-point estimate, averaged over micro-batches.
-
-        Args:
-            losses: as every rank sees them (reduced over ranks), all finite.
-        """
-        return {seed: sum(projected_grad(t[0], t[1], self.eps, self.one_sided) for t in per_batch) / len(per_batch)
-                for seed, per_batch in losses.items()}
-
-    def step_hyper(self, losses: dict[int, list[tuple[float, ...]]]) -> tuple[float, ...]:
-        """The rule's coefficients for this step's commit: :meth:`rule_hyper`, plus what a method derives from
-        the step's ``losses`` (as :meth:`estimate` receives them)."""
-        return self.rule_hyper()
-
     def transform_grad(self, g: float) -> float:
         return float((g > 0) - (g < 0))
 
