@@ -204,3 +204,21 @@ def test_fzoo_steps_nowhere_when_its_losses_do_not_spread():
 def test_method_options_out_of_range_are_refused_naming_the_range(make, match):
     with pytest.raises(ValueError, match=match):
         make(torch.nn.Linear(2, 2).parameters())
+
+
+@pytest.mark.parametrize("name,refused", [("hizoo", True), ("lozo_m", True), ("lozo", False), ("sparse", False),
+                                          ("fzoo", False)])
+def test_method_with_independent_directions_is_refused_only_where_its_state_follows_one_direction(name, refused):
+    """HiZOO's Hessian and LOZO-M's momentum follow one direction per step; LOZO, FZOO and Sparse MeZO (whose
+    thresholds never change) combine any number of directions, so each group may draw its own."""
+    from zo2_lightning.strategy.refusals import check_step
+
+    optimizer, options, _ = METHODS[name]
+    trainer_stub = type("T", (), {"accumulate_grad_batches": 1})()
+    opt = optimizer(torch.nn.Linear(2, 2).parameters(), **options)
+    if refused:
+        with pytest.raises(ValueError, match="directions='shared'"):
+            check_step(opt, trainer_stub, 2, "independent")
+    else:
+        check_step(opt, trainer_stub, 2, "independent")
+    check_step(opt, trainer_stub, 2, "shared")

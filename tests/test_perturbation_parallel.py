@@ -85,13 +85,13 @@ def test_perturbation_parallel_refusals_name_the_fix():
     trainer = type("T", (), {"accumulate_grad_batches": 1})()
     params = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(ValueError, match=r"Use perturbation_parallel in \[1, 2\], or a q whose 2q runs 4 divides"):
-        check_step(ZOSGD(params), trainer, False, 4, "shared", 4)
+        check_step(ZOSGD(params), trainer, 4, "shared", 4)
     with pytest.raises(ValueError, match=r"q \+ 1 = 3 perturbed runs .* Use perturbation_parallel in \[1, 3\]"):
-        check_step(ZOSGD(params, q=2, one_sided=True), trainer, False, 2, "shared", 2)
+        check_step(ZOSGD(params, q=2, one_sided=True), trainer, 2, "shared", 2)
     with pytest.raises(ValueError, match="directions='shared'"):  # two groups, each its own Adam update
-        check_step(ZOAdam(params), trainer, True, 4, "independent", 2)
-    check_step(ZOAdam(params), trainer, True, 4, "shared", 2)  # every rank gets every g: its state stays equal
-    check_step(ZOSGDCons(params), trainer, False, 2, "independent", 2)  # one group: one set of directions
+        check_step(ZOAdam(params), trainer, 4, "independent", 2)
+    check_step(ZOAdam(params), trainer, 4, "shared", 2)  # every rank gets every g: its state stays equal
+    check_step(ZOSGDCons(params), trainer, 2, "independent", 2)  # one group: one set of directions
     with pytest.raises(ValueError, match="perturbation_parallel must be >= 1"):
         ZO2OffloadStrategy(perturbation_parallel=0)
 

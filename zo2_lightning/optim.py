@@ -83,6 +83,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     conservative = False
     #: a central estimate that also measures L(theta) (one more forward per step, e.g. HiZOO's curvature)
     center = False
+    #: a state that follows one direction per step (momentum, Adam, ...): q = 1, and no independent directions
+    one_direction = False
 
     def __init__(
         self,
@@ -223,6 +225,8 @@ class ZOSGDMomentum(ZOOptimizer):
         others: as :class:`ZOOptimizer`.
     """
 
+    one_direction = True
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:
@@ -250,6 +254,8 @@ class ZOAdam(ZOOptimizer):
         others: as :class:`ZOOptimizer`; ZO-Bench tunes ZO-Adam's lr around 1e-5 .. 1e-4 on OPT.
     """
 
+    one_direction = True
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, **kwargs: Any) -> None:
         betas = tuple(float(b) for b in betas)
@@ -269,7 +275,7 @@ class ZOAdam(ZOOptimizer):
         return (float(beta1), float(beta2), float(self._same_in_all_groups("adam_eps")))
 
 
-def check_single_direction(opt: ZOOptimizer, q: Any) -> None:
+def check_single_direction(opt: ZOOptimizer, q: Any) -> None:  # for classes with one_direction = True
     """Refuse ``q > 1`` for an optimizer whose state (or estimate) combines one direction per step.
 
     Raises:

@@ -70,6 +70,7 @@ class HiZOO(ZOOptimizer):
     """
 
     center = True
+    one_direction = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  hessian_smooth: float = 1e-8, **kwargs: Any) -> None:

@@ -154,6 +154,8 @@ class LOZOM(LOZO):
         others: as :class:`LOZO`.
     """
 
+    one_direction = True
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  rank: int = 2, interval: int = 50, momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:

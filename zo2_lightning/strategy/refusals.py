@@ -1,7 +1,7 @@
 """What the zo2 strategies refuse, and the errors that name the fix.
 
 ``check_configuration(trainer, module, precision_plugin)``, ``clip_projected_gradient(trainer)``,
-``check_layout(world_size, perturbation_parallel)`` and ``check_step(optimizer, trainer, stateful_rule, world_size,
+``check_layout(world_size, perturbation_parallel)`` and ``check_step(optimizer, trainer, world_size,
 directions, group_size)`` at setup, ``zo_optimizer(strategy.optimizers)`` when fitting,
 ``check_same_model(checkpoint, module, path)`` on load, ``check_step_options(micro_batches, directions,
 max_consecutive_skips, perturbation_parallel)`` at construction, ``scalar_loss(training_step_output)`` for every
@@ -79,13 +79,14 @@ def check_layout(world_size: int, perturbation_parallel: int) -> None:
         )
 
 
-def check_step(optimizer: ZOOptimizer, trainer: Trainer, stateful_rule: bool, world_size: int,
-               directions: str, group_size: int = 1) -> None:
+def check_step(optimizer: ZOOptimizer, trainer: Trainer, world_size: int, directions: str,
+               group_size: int = 1) -> None:
     """Refuse an optimizer the step cannot drive under this Trainer and layout (groups of ``group_size`` ranks
     that split each step's runs, data-parallel with each other).
 
     Raises:
-        ValueError: a conservative optimizer with ``accumulate_grad_batches > 1``; a stateful or conservative one
+        ValueError: a conservative optimizer with ``accumulate_grad_batches > 1``; one whose state follows one
+            direction per step (``optimizer.one_direction``: momentum, Adam, HiZOO, LOZO-M) or a conservative one
             with independent directions in several groups; a group size that does not divide the step's runs.
     """
     name = type(optimizer).__name__
@@ -94,11 +95,13 @@ def check_step(optimizer: ZOOptimizer, trainer: Trainer, stateful_rule: bool, wo
             f"{name} compares the step's candidates on one batch, so it needs"
             f" accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): raise the batch size instead"
         )
-    if world_size // group_size > 1 and directions == "independent" and (stateful_rule or optimizer.conservative):
+    if world_size // group_size > 1 and directions == "independent" and (optimizer.one_direction
+                                                                         or optimizer.conservative):
         raise ValueError(
             f"{name} cannot run with directions='independent' on several ranks: each rank's"
-            " directions are separate updates, which a momentum/Adam state or a conservative trial cannot"
-            " combine. Use directions='shared' (MeZO on the global batch)."
+            " directions are separate updates, which a state that follows one direction per step (momentum, Adam,"
+            " HiZOO's Hessian, LOZO-M) or a conservative trial cannot combine. Use directions='shared' (MeZO on the"
+            " global batch)."
         )
     runs = len(optimizer.perturbations())
     if runs % group_size:

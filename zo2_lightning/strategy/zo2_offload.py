@@ -272,8 +272,7 @@ class ZO2OffloadStrategy(DDPStrategy):
             distribution=optimizer.direction if optimizer is not None else "gaussian",
         )
         if optimizer is not None:
-            check_step(optimizer, trainer, self.engine.rule.stateful, self.world_size, self.directions,
-                       self.group_size)
+            check_step(optimizer, trainer, self.world_size, self.directions, self.group_size)
         self.engine.attach([group["params"] for group in optimizer.param_groups] if optimizer is not None else [])
         if self.is_multiprocess:
             self.engine.seed = self.broadcast(self.engine.seed)  # rank 0's; nothing is drawn before this
