@@ -1,5 +1,6 @@
 """FZOO (Dang et al., "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large Language Models towards Adam-Scale
-Speed", arXiv 2506.09034): a batch of one-sided Rademacher estimates, the step normalised by their spread.
+Speed", arXiv 2506.09034, its batched one-sided estimate g_t normalised by sigma_t; the authors' ``zo_step`` /
+``zo_update``): a batch of one-sided Rademacher estimates, the step normalised by their spread.
 
 Per step, with N Rademacher directions ``u_i`` (one residency of each block serves all N + 1 forwards)::
 

@@ -1,5 +1,6 @@
 """HiZOO (Zhao et al., "Second-Order Fine-Tuning without Pain for LLMs: A Hessian Informed Zeroth-Order
-Optimizer", arXiv 2402.15173, Algorithm 1): MeZO along a direction scaled by a diagonal Hessian estimate.
+Optimizer", arXiv 2402.15173, Algorithm 1; the authors' ``zo_Hessian_step_update``): MeZO along a direction scaled
+by a diagonal Hessian estimate.
 
 Per step, with ``H`` the diagonal estimate (``Sigma^-1`` in the paper; ones at the start), ``z ~ N(0, I)`` and
 ``alpha`` the smoothing factor::

@@ -1,5 +1,6 @@
 """LOZO and LOZO-M (Chen et al., "Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank
-Structures", arXiv 2410.07698, Algorithm 1 and its momentum variant): low-rank perturbations of the matrices.
+Structures", arXiv 2410.07698, Algorithm 1 and its momentum variant; the authors' ``lowrank_zo_step`` /
+``lowrank_zo_update`` and ``lowrank_zo_update_momentum``): low-rank perturbations of the matrices.
 
 For every trainable tensor of two or more dimensions (m rows, n = the rest), z is ``U @ V.T`` with ``U`` (m x r) and
 ``V`` (n x r) standard Gaussian; ``U`` is new every step, ``V`` is kept for ``interval`` (the paper's nu) steps.
