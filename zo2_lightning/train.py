@@ -60,6 +60,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         cfg.module, model=bundle.model, tokenizer=bundle.tokenizer, optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler, _convert_="all",
     )
+    check_objective(module, datamodule)
     strategy = instantiate(cfg.offload, **precision.strategy_kwargs())
     callbacks = instantiate_each(cfg.get("callbacks"))
     loggers = instantiate_each(cfg.get("logger"))
@@ -73,6 +74,26 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "precision": precision, "model": bundle.model, "tokenizer": bundle.tokenizer, "datamodule": datamodule,
         "module": module, "callbacks": callbacks, "loggers": loggers, "trainer": trainer,
     }
+
+
+def check_objective(module: Any, datamodule: Any) -> None:
+    """Refuse, before the trainer starts, a metric objective on a datamodule of plain text.
+
+    A prompted task's datamodule hands a metric objective the batches the metric is computed on (its ``objective``
+    follows ``module.objective``); plain text (``kind`` ``lm``: ``task=textfile``, ``task=synthetic``) has no
+    candidates to pick from and no answers to decode.
+
+    Raises:
+        ValueError: the module's ``objective`` is not ``loss`` and the datamodule's ``kind`` is ``lm``; names the fix.
+    """
+    objective = getattr(module, "objective", "loss")
+    if objective != "loss" and getattr(datamodule, "kind", None) == "lm":
+        raise ValueError(
+            f"module.objective={objective!r} is a metric, but {type(datamodule).__name__} trains on plain text (LM"
+            " loss on every token), which has no candidates to pick from and no answers to decode. Use"
+            " `module.objective=loss`, or a prompted task: accuracy fits classification, multiple-choice and"
+            " masked-LM tasks (task=sst2, task=copa, task=sst2_mlm), f1 generation tasks (task=squad, task=drop)."
+        )
 
 
 def read_metric_series(metrics_csv: str | Path, key: str) -> list[tuple[int, float]]:

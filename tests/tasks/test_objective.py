@@ -4,7 +4,9 @@ The values are recomputed here from the model's own outputs (candidate scores by
 answers), and a real ``zo2_offload`` step is held to the SPSA estimate of the metric: its projected gradient is
 ``(L+ - L-) / (2 eps)`` with L+ and L- minus the metric of the parameters at theta + eps z and theta - eps z, z
 regenerated from the strategy's seed as the reference MeZO does (tests/reference.py). A large eps on a tiny random
-model makes the metric differ between the two perturbations, so the step is not a no-op.
+model makes the metric differ between the two perturbations, so the step is not a no-op. From the command line,
+``module.objective`` also picks a prompted task's training batches (the ones its metric is computed on), and a
+task whose batches cannot carry the metric is refused with the objective that fits.
 """
 
 import copy
@@ -17,17 +19,21 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.functional.text import squad
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
 from tests import reference
-from tests.run_helpers import compose_run
+from tests.run_helpers import compose_run, suggested_overrides
 from tests.lit_helpers import SEED, trainer
 from zo2_lightning import ZOSGD
-from zo2_lightning.models import build_model
+from zo2_lightning.models import build_model, byte_tokenizer
 from zo2_lightning.tasks.collate import ChoiceCollator, GenerateCollator, LMCollator
 from zo2_lightning.tasks.lm_task import OBJECTIVES, LMTask
+from zo2_lightning.tasks.order import train_loader
 from zo2_lightning.tasks.scoring import first_line
 from zo2_lightning.tasks.templates import Example
 from zo2_lightning.tasks.toy_data import write_toy_task
-from zo2_lightning.train import read_metric_series, train
+from zo2_lightning.train import build, read_metric_series, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # some tests run no Trainer
 
@@ -254,3 +260,74 @@ def test_module_objective_accuracy_trains_a_classification_task_from_the_command
     assert objects["module"].objective == "accuracy" and objects["trainer"].global_step == 2
     losses = [v for _, v in read_metric_series(Path(objects["loggers"][0].log_dir) / "metrics.csv", "train/loss")]
     assert losses and all(-1.0 <= v <= 0.0 and (4 * v).is_integer() for v in losses)  # minus an accuracy of 4
+
+
+# From the command line: the module's objective picks the training batches (task.objective interpolates it).
+METRIC_RUNS = [  # task, objective, the training batches' kind, extra overrides
+    ("squad", "f1", "generate", ["task.num_train=8", "task.num_dev=4", "task.max_new_tokens=4"]),
+    ("copa", "accuracy", "choice", ["task.num_train=8", "task.num_dev=4"]),
+    ("sst2_mlm", "accuracy", "masked", ["model=roberta_tiny", "task.k=4"]),
+]
+
+
+@pytest.mark.parametrize("task,objective,kind,extra", METRIC_RUNS, ids=[f"{t}-{o}" for t, o, _, _ in METRIC_RUNS])
+def test_module_objective_trains_each_task_kind_on_the_batches_its_metric_is_computed_on(
+        task, objective, kind, extra, tmp_path):
+    """``task=squad module.objective=f1`` (MeZO's SQuAD objective), ``task=copa module.objective=accuracy`` and a
+    masked-LM task: every step logs minus the metric of a batch of 4, as ``train/loss``."""
+    data_dir = write_toy_task(task, tmp_path / "data", n_train=32, n_valid=4)
+    overrides = [f"task={task}", f"task.data_dir={data_dir}", "task.num_eval=4", "task.batch_size=4",
+                 "task.max_length=128", "trainer=debug", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+                 "callbacks=none", f"module.objective={objective}", "optimizer.eps=1.0", *extra]
+    metrics, objects = train(compose_run(tmp_path, overrides))
+    datamodule = objects["datamodule"]
+    assert objects["module"].objective == datamodule.objective == objective
+    assert objects["trainer"].global_step == 2
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["kind"] == kind and len(batch["gold"] if "gold" in batch else batch["answers"]) == 4
+    losses = [v for _, v in read_metric_series(Path(objects["loggers"][0].log_dir) / "metrics.csv", "train/loss")]
+    assert len(losses) == 2 and all(-1.0 <= v <= 0.0 for v in losses)  # minus a fraction, never an LM loss
+    if objective == "accuracy":
+        assert all((4 * v).is_integer() for v in losses)  # minus an accuracy of 4 examples
+
+
+@pytest.mark.parametrize("task", ["squad", "copa"])
+def test_objective_loss_keeps_training_multiple_choice_and_generation_on_the_lm_loss(task, tmp_path):
+    """The default objective keeps MeZO's batches: LM loss on the gold continuation, as :class:`LMCollator` builds
+    them, in the same order; the metric objectives switch to the validation batches."""
+    data_dir = write_toy_task(task, tmp_path / "data", n_train=8, n_valid=4)
+    tok = byte_tokenizer()
+
+    def first_datamodule(*overrides: str):
+        cfg = compose_run(tmp_path, [f"task={task}", f"task.data_dir={data_dir}", "task.num_dev=2",
+                                     "task.batch_size=4", *overrides])
+        datamodule = instantiate(cfg.task, tokenizer=tok, _convert_="all")
+        datamodule.setup("fit")
+        return datamodule
+
+    datamodule = first_datamodule()
+    batch = next(iter(datamodule.train_dataloader()))
+    mezo = train_loader(datamodule.splits["train"], batch_size=4, seed=datamodule.data_seed,
+                        collate_fn=LMCollator(tok, datamodule.max_length))
+    expected = next(iter(mezo))
+    assert batch["kind"] == expected["kind"] == "lm"
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batch[key], expected[key]), key
+    objective, kind = {"squad": ("f1", "generate"), "copa": ("accuracy", "choice")}[task]
+    assert next(iter(first_datamodule(f"module.objective={objective}").train_dataloader()))["kind"] == kind
+
+
+@pytest.mark.parametrize("overrides,fix", [
+    (["task=sst2", "module.objective=f1"], "module.objective=accuracy"),  # classification: candidates, no answers
+    (["task=squad", "module.objective=accuracy"], "module.objective=f1"),  # generation: answers, no candidates
+    (["task=synthetic", "module.objective=accuracy"], "module.objective=loss"),  # plain text: neither
+], ids=["f1-sst2", "accuracy-squad", "accuracy-synthetic"])
+def test_objective_a_task_cannot_carry_is_refused_before_training_with_the_fix(overrides, fix, tmp_path):
+    """F1 on a task with candidates, accuracy on one with free answers or on plain text: refused when the run is
+    built, before any step, naming the objective that fits (the first override in backticks)."""
+    task = overrides[0].split("=")[1]
+    if task != "synthetic":
+        overrides = [*overrides, f"task.data_dir={write_toy_task(task, tmp_path / 'data', n_train=4, n_valid=2)}"]
+    with pytest.raises((ValueError, InstantiationException), match=r"objective='(f1|accuracy)'") as err:
+        build(compose_run(tmp_path, overrides))  # a datamodule's refusal comes in Hydra's wrapper
+    assert suggested_overrides(str(err.value))[0] == fix

@@ -5,9 +5,10 @@
 
 A prompted task's three splits (MeZO sampling by default, LM-BFF's k-shot sampling on request) feed
 ``fit`` (train + dev, as validation) and ``test``. Validation and test batches are scored as the task's kind
-says (:mod:`.collate`); training batches carry the loss MeZO trains with: classification over the label
-words for classification and masked tasks, LM loss on the gold continuation for multiple choice and
-generation.
+says (:mod:`.collate`); training batches carry what the module's ``objective`` is computed on: for ``loss``
+(the default) MeZO's losses, classification over the label words for classification and masked tasks and LM
+loss on the gold continuation for multiple choice and generation; for ``accuracy`` and ``f1`` the batches
+validation scores, since the metric is computed on them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,23 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from zo2_lightning.tasks.collate import ChoiceCollator, GenerateCollator, LMCollator, MaskedCollator
+from zo2_lightning.tasks.lm_task import OBJECTIVES
 from zo2_lightning.tasks.loading import load_split
 from zo2_lightning.tasks.order import train_loader
 from zo2_lightning.tasks.sampling import k_shot_sample, mezo_sample, sample_subset
-from zo2_lightning.tasks.templates import CLASSIFICATION, GENERATION, MASKED, TASKS, Example, TaskSpec
+from zo2_lightning.tasks.templates import (
+    CLASSIFICATION,
+    GENERATION,
+    MASKED,
+    MULTIPLE_CHOICE,
+    TASKS,
+    Example,
+    TaskSpec,
+)
+
+#: The task kinds whose validation batches carry each metric objective: accuracy needs candidates to pick from
+#: (label words or per-example choices), F1 needs answers to decode.
+METRIC_KINDS = {"accuracy": (CLASSIFICATION, MULTIPLE_CHOICE, MASKED), "f1": (GENERATION,)}
 
 
 def build_examples(spec: TaskSpec, records: list[dict] | None) -> list[Example]:
@@ -67,6 +81,14 @@ class PromptDataModule(L.LightningDataModule):
         max_length: longest sequence in tokens (longer ones lose tokens on the left).
         max_new_tokens: decoding budget for generation tasks.
         num_workers: DataLoader workers.
+        objective: the module's training objective (``module.objective``, which the ``task/`` configs
+            interpolate), choosing the training batches: ``loss`` gives MeZO's (see :meth:`train_collator`),
+            ``accuracy`` and ``f1`` the batches validation scores, which carry the metric.
+
+    Raises:
+        ValueError: an unknown ``task``, ``sampling`` or ``objective``, or a metric the task's batches do not
+            carry (``f1`` on a task with candidates, ``accuracy`` on a generation task); the message names the
+            objective that fits.
     """
 
     def __init__(
@@ -86,11 +108,13 @@ class PromptDataModule(L.LightningDataModule):
         max_length: int = 2048,
         max_new_tokens: int = 50,
         num_workers: int = 0,
+        objective: str = "loss",
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; known: {sorted(TASKS)}.")
         self.spec = TASKS[task]
+        self.objective = _check_objective(self.spec, objective)
         sampling = sampling or ("k_shot" if self.spec.kind == MASKED else "mezo")
         if sampling not in ("mezo", "k_shot"):
             raise ValueError(f"sampling={sampling!r}: use 'mezo' or 'k_shot'.")
@@ -143,7 +167,10 @@ class PromptDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ collators
     def train_collator(self):
-        """The collator of training batches (the loss MeZO trains the task with)."""
+        """The collator of training batches: for ``objective="loss"`` the loss MeZO trains the task with, for a
+        metric objective the validation batches (:meth:`eval_collator`) that the metric is computed on."""
+        if self.objective != "loss":
+            return self.eval_collator()
         if self.kind == MASKED:
             return MaskedCollator(self.tokenizer, self.spec.label_words, self.max_length)
         if self.kind == CLASSIFICATION:
@@ -175,6 +202,28 @@ class PromptDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._eval_loader("test")
+
+
+def _check_objective(spec: TaskSpec, objective: str) -> str:
+    """``objective`` if the task's validation batches carry it (every task carries ``loss``).
+
+    Raises:
+        ValueError: ``objective`` is not in :data:`~zo2_lightning.tasks.lm_task.OBJECTIVES`, or the task's
+            batches do not carry the metric; names the objective that fits the task.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: use one of {', '.join(map(repr, OBJECTIVES))}"
+                         " (`module.objective=loss`, the default, trains on the task's loss).")
+    if objective == "loss" or spec.kind in METRIC_KINDS[objective]:
+        return objective
+    fits = next(name for name, kinds in METRIC_KINDS.items() if spec.kind in kinds)
+    why = ("its answers are decoded, not picked from candidates" if spec.kind == GENERATION
+           else "it picks its answer from candidates and decodes no free answer")
+    raise ValueError(
+        f"objective={objective!r} does not fit task {spec.name!r}, a {spec.kind.replace('_', '-')} task: {why}."
+        f" Use `module.objective={fits}` (or `module.objective=loss`); accuracy fits classification,"
+        " multiple-choice and masked-LM tasks, f1 fits generation tasks (SQuAD, DROP)."
+    )
 
 
 class _Blocks(torch.utils.data.Dataset):

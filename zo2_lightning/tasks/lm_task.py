@@ -157,7 +157,8 @@ class LMTask(ZOModule, L.LightningModule):
                 raise ValueError(
                     f"objective='accuracy' picks the highest-scoring candidate, but this training batch is of kind"
                     f" {kind!r}, which has no candidates{_kind_note(kind)}. Use `module.objective="
-                    f"{_OBJECTIVE_OF.get(kind, 'loss')}` for it; accuracy fits classification and masked-LM tasks."
+                    f"{_OBJECTIVE_OF.get(kind, 'loss')}` for it; accuracy fits classification, multiple-choice and"
+                    " masked-LM tasks."
                 )
             return -self._correct(batch).mean()
         if kind != "generate":
