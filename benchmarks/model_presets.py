@@ -1,14 +1,17 @@
 """CPU: does every tiny model train with every ZO optimizer at its preset lr (conf/optimizer/model_preset/)?
 
-    python benchmarks/model_presets.py                            # 4 models x 5 optimizers, 1000 steps each
+    python benchmarks/model_presets.py                            # 4 models x 10 optimizers, 1000 steps each
     python benchmarks/model_presets.py --models tiny --steps 300 --no-save
+    python benchmarks/model_presets.py --optimizers hizoo,lozo,lozo_m,sparse_mezo,fzoo
 
 Each (model, optimizer) pair runs the default ``python -m zo2_lightning.train model=M optimizer=O`` setting (the
 synthetic task, CPU, seed 42, ``trainer.max_steps`` steps) through ``train(cfg)``, with the lr its preset gives.
 The table has the lr, the training loss at the start and the end (means of the first and last 5 logged values),
 the last validation loss, and whether the pair converged: finite throughout and the training loss down by at least
-``--min-drop``. A run the strategy stops (10 non-finite steps in a row) shows its error. Appends the table to
-benchmarks/RESULTS.md.
+``--min-drop``. A preset that also sets a method's own knob (HiZOO's hessian_smooth, Sparse MeZO's sparsity) shows it
+after the optimizer's name. A run the strategy stops (10 non-finite steps in a row) shows its error. Runs use
+``--threads`` torch threads (default 1: on a shared 2-core machine a second thread of these tiny models mostly
+waits). Appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,9 +20,21 @@ import argparse
 import math
 import tempfile
 import time
+from pathlib import Path
 
 MODELS = ("tiny", "llama_tiny", "qwen_tiny", "roberta_tiny")
-OPTIMIZERS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_cons", "zo_sgd_mmt", "zo_adam")
+OPTIMIZERS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_cons", "zo_sgd_mmt", "zo_adam",
+              "hizoo", "lozo", "lozo_m", "sparse_mezo", "fzoo")
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "optimizer" / "model_preset"
+
+
+def preset_knobs(model: str, optimizer: str) -> str:
+    """The keys a preset sets besides lr, as ``"key value, ..."`` ("" when it sets only the lr)."""
+    from omegaconf import OmegaConf
+
+    path = PRESETS / model / f"{optimizer}.yaml"
+    preset = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in preset.items() if k != "lr")
 
 
 def run_pair(model: str, optimizer: str, steps: int) -> dict:
@@ -52,8 +67,12 @@ def main() -> None:
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=1000, help="the default run's length")
     ap.add_argument("--min-drop", type=float, default=0.5, help="training-loss drop that counts as converging")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     rows = {}
     for model in args.models.split(","):
         for optimizer in args.optimizers.split(","):
@@ -64,7 +83,7 @@ def main() -> None:
     from results import report  # benchmarks/results.py (scripts run from this folder)
 
     lines = [
-        f"### model_presets ({time.strftime('%Y-%m-%d %H:%M')}, CPU)",
+        f"### model_presets ({time.strftime('%Y-%m-%d %H:%M')}, CPU, {args.threads} thread(s))",
         "",
         f"default train setting (synthetic task, seed 42) per model and optimizer at its preset lr, {args.steps} steps;"
         f" converged: finite, training loss down by >= {args.min_drop}",
@@ -73,6 +92,8 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for (model, optimizer), r in rows.items():
+        knobs = preset_knobs(model, optimizer)
+        optimizer = f"{optimizer} ({knobs})" if knobs else optimizer
         if "error" in r:
             lines.append(f"| {model} | {optimizer} | {r['lr']:g} | {r['error']} | | | no | {r['seconds']:.0f} |")
             continue
