@@ -76,14 +76,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             step, one of them unperturbed) instead of the central ``(L+ - L-) / (2 eps)`` (2q forwards).
 
     Raises:
-        ValueError: on ``lr < 0``, ``eps <= 0``, ``weight_decay < 0``, ``q < 1`` or an unknown ``direction``.
+        ValueError: on ``lr < 0``, ``eps <= 0``, ``weight_decay < 0``, ``q < 1`` (``q != 1`` where ``one_direction``) or
+            an unknown ``direction``.
     """
 
     #: ZO-SGD-Cons: try the step, no step and the step reversed, keep the best (see :class:`ZOSGDCons`)
     conservative = False
     #: a central estimate that also measures L(theta) (one more forward per step, e.g. HiZOO's curvature)
     center = False
-    #: a state that follows one direction per step (momentum, Adam, ...): q = 1, and no independent directions
+    #: a state that follows one direction per step (momentum, Adam, ...): q must be 1 (checked here), and the
+    #: strategy refuses independent directions
     one_direction = False
 
     def __init__(
@@ -101,6 +103,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         _check_hparams(owner, lr, eps, weight_decay)
         if int(q) != q or q < 1:
             raise ValueError(f"{owner} q (directions per step) must be an integer >= 1, got {q}")
+        if self.one_direction and q != 1:
+            raise ValueError(
+                f"{owner} supports q=1 only: its state would need the q directions' estimates combined into one"
+                " gradient first. Use ZOSGD(q=...) for q-SPSA, or q=1 here."
+            )
         if direction not in DISTRIBUTIONS:
             raise ValueError(f"{owner} direction={direction!r}: use one of {DISTRIBUTIONS}")
         self.q = int(q)
@@ -231,7 +238,6 @@ class ZOSGDMomentum(ZOOptimizer):
                  momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"ZOSGDMomentum momentum must be in [0, 1), got {momentum}")
-        check_single_direction(self, kwargs.get("q", 1))
         super().__init__(params, lr, eps, weight_decay, _rule_defaults={"momentum": momentum}, **kwargs)
 
     def update_rule(self) -> UpdateRule:
@@ -263,7 +269,6 @@ class ZOAdam(ZOOptimizer):
             raise ValueError(f"ZOAdam betas must be two numbers in [0, 1), got {betas}")
         if not adam_eps > 0.0:
             raise ValueError(f"ZOAdam adam_eps must be > 0, got {adam_eps}")
-        check_single_direction(self, kwargs.get("q", 1))
         super().__init__(params, lr, eps, weight_decay, _rule_defaults={"betas": betas, "adam_eps": float(adam_eps)},
                          **kwargs)
 
@@ -273,19 +278,6 @@ class ZOAdam(ZOOptimizer):
     def rule_hyper(self) -> tuple[float, ...]:
         beta1, beta2 = self._same_in_all_groups("betas")
         return (float(beta1), float(beta2), float(self._same_in_all_groups("adam_eps")))
-
-
-def check_single_direction(opt: ZOOptimizer, q: Any) -> None:  # for classes with one_direction = True
-    """Refuse ``q > 1`` for an optimizer whose state (or estimate) combines one direction per step.
-
-    Raises:
-        ValueError: ``q != 1``, naming ``ZOSGD(q=...)`` as the way to q-SPSA.
-    """
-    if q != 1:
-        raise ValueError(
-            f"{type(opt).__name__} supports q=1 only: its state would need the q directions' estimates combined"
-            " into one gradient first. Use ZOSGD(q=...) for q-SPSA, or q=1 here."
-        )
 
 
 def _freeze(value: Any) -> Any:

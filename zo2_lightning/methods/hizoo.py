@@ -24,7 +24,7 @@ import torch
 
 from zo2_lightning.engine.perturb import sgd_update_
 from zo2_lightning.engine.rules import UpdateRule
-from zo2_lightning.optim import ZOOptimizer, check_single_direction
+from zo2_lightning.optim import ZOOptimizer
 
 
 class HiZOORule(UpdateRule):
@@ -79,7 +79,6 @@ class HiZOO(ZOOptimizer):
             raise ValueError(f"HiZOO hessian_smooth must be in [0, 1), got {hessian_smooth} (the paper: 1e-8 .. 1e-6)")
         if kwargs.get("one_sided"):
             raise ValueError("HiZOO needs the central estimate (L+, L- and L0): drop one_sided=True")
-        check_single_direction(self, kwargs.get("q", 1))
         super().__init__(params, lr, eps, weight_decay, _rule_defaults={"hessian_smooth": float(hessian_smooth)},
                          **kwargs)
 

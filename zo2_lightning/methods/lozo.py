@@ -34,7 +34,7 @@ import torch
 from zo2_lightning.engine.perturb import sgd_update_
 from zo2_lightning.engine.rules import TensorKey, UpdateRule
 from zo2_lightning.engine.seeds import derive_seed, draw_direction
-from zo2_lightning.optim import ZOOptimizer, check_single_direction
+from zo2_lightning.optim import ZOOptimizer
 
 #: keeps V's seeds apart from U's and from the rounding seeds of the engine (tensor indices are small)
 LOZO_V_TAG = 1 << 42
@@ -161,7 +161,6 @@ class LOZOM(LOZO):
                  rank: int = 2, interval: int = 50, momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"LOZOM momentum must be in [0, 1), got {momentum}")
-        check_single_direction(self, kwargs.get("q", 1))
         super().__init__(params, lr, eps, weight_decay, rank, interval,
                          _rule_defaults={"momentum": float(momentum)}, **kwargs)
 
