@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from zo2_lightning.engine.keys import Perturbation, step_perturbations
+from zo2_lightning.engine.keys import Perturbation, loss_tuple, step_perturbations
 from zo2_lightning.engine.perturb import projected_grad
 from zo2_lightning.engine.rules import AdamRule, MomentumRule, UpdateRule
 from zo2_lightning.engine.seeds import DISTRIBUTIONS
@@ -136,12 +136,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def loss_runs(self, d: int) -> tuple[Perturbation, ...]:
         """The runs whose losses direction ``d``'s estimate reads, in the order of its loss tuple: ``(L+, L-)``,
-        ``(L+, L0)`` one-sided, ``(L+, L-, L0)`` with a center run."""
-        if self.one_sided:
-            return Perturbation(d, +1), Perturbation(0, 0)
-        if self.center:
-            return Perturbation(d, +1), Perturbation(d, -1), Perturbation(0, 0)
-        return Perturbation(d, +1), Perturbation(d, -1)
+        ``(L+, L0)`` one-sided, ``(L+, L-, L0)`` with a center run (the order the engine returns them in)."""
+        return loss_tuple(d, self.one_sided, self.center)
 
     def estimate(self, losses: dict[int, list[tuple[float, ...]]]) -> dict[int, float]:
         """The projected gradient of each direction from the step's losses ``{direction seed: [loss tuple per

@@ -41,6 +41,16 @@ def step_perturbations(q: int, one_sided: bool = False, center: bool = False) ->
     return central + [Perturbation(0, 0)] if center else central
 
 
+def loss_tuple(direction: int, one_sided: bool = False, center: bool = False) -> tuple[Perturbation, ...]:
+    """The runs whose outputs form ``direction``'s tuple, in its order: ``(+, -)``; ``(+, 0)`` one-sided;
+    ``(+, -, 0)`` with the center run. The engine returns outputs and the optimizer reads losses in this order."""
+    if one_sided:
+        return Perturbation(direction, +1), Perturbation(0, 0)
+    if center:
+        return Perturbation(direction, +1), Perturbation(direction, -1), Perturbation(0, 0)
+    return Perturbation(direction, +1), Perturbation(direction, -1)
+
+
 #: the runs of a conservative step's trial: the step taken, no step, the step reversed
 TRIAL_PERTURBATIONS = [Perturbation(0, +1), Perturbation(0, 0), Perturbation(0, -1)]
 

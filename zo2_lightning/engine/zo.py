@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from zo2_lightning.engine.blocks import split_blocks
 from zo2_lightning.engine.device import CudaOps, DeviceOps
-from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, Perturbation, RunKey, step_perturbations
+from zo2_lightning.engine.keys import TRIAL_PERTURBATIONS, Perturbation, RunKey, loss_tuple, step_perturbations
 from zo2_lightning.engine.ledger import Commit, CommitLedger
 from zo2_lightning.engine.options import EngineOptions
 from zo2_lightning.engine.placement import Placement
@@ -212,12 +212,9 @@ class ZOEngine:
         self.spsa.prune_kept(int(step), self.ledger.keys())
         runs = _subset(step_perturbations(len(q), one_sided, center and not one_sided), perturbations)
         results = self._run_lockstep(fn, runs, chunks, step, eps, seeds)
-        get = lambda d, s, m: results.get(RunKey(d, s, m))  # noqa: E731 - None where another process ran it
-        if one_sided:
-            return [[(get(d, +1, m), get(0, 0, m)) for d in q] for m in range(chunks)]
-        if center:
-            return [[(get(d, +1, m), get(d, -1, m), get(0, 0, m)) for d in q] for m in range(chunks)]
-        return [[(get(d, +1, m), get(d, -1, m)) for d in q] for m in range(chunks)]
+        layouts = [loss_tuple(d, one_sided, center) for d in q]  # None where another process ran it
+        return [[tuple(results.get(RunKey(p.direction, p.sign, m)) for p in layout) for layout in layouts]
+                for m in range(chunks)]
 
     def run_trial(
         self, fn: Callable[[RunKey], Any], commits: Sequence[Commit], chunks: int = 1,
