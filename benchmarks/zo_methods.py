@@ -1,7 +1,8 @@
 """CPU: the ZO methods side by side at an equal budget of forward passes, over seeds, on two tasks.
 
-    python benchmarks/zo_methods.py                         # 13 methods x 2 tasks x 3 seeds, 600 forwards each
-    python benchmarks/zo_methods.py --quick --no-save       # 60 forwards, 1 seed: a smoke run (about 2 minutes)
+    python benchmarks/zo_methods.py                         # 13 methods x 2 tasks x 3 seeds, 600 forwards each (13 min)
+    python benchmarks/zo_methods.py --quick --no-save       # 60 forwards, 1 seed: a smoke run (under a minute)
+    python benchmarks/zo_methods.py --budget 2000           # the same at 2000 forwards each (39 min)
     python benchmarks/zo_methods.py --only MeZO-SGD --only FZOO --tasks synthetic --seeds 2 --budget 300
 
 Every method gets the same number of training forward passes (``--budget``): ``budget // forwards per step``
