@@ -272,3 +272,11 @@ def test_the_default_config_passes_the_type_check():
     from zo2_lightning.config import check_types
 
     check_types(cfg_for())
+
+
+def test_the_zo_methods_sweep_runs_every_optimizer_config():
+    """hparams_search=zo_methods is the one sweep over every ZO optimizer: a config added to conf/optimizer/ and not
+    to the sweep fails here."""
+    cfg = _with_hydra(["hparams_search=zo_methods"])
+    swept = cfg.hydra.sweeper.params["optimizer"].split(",")
+    assert sorted(swept) == sorted(o for g, o in OPTIONS if g == "optimizer")
