@@ -212,9 +212,9 @@ class ZOEngine:
         self.spsa.prune_kept(int(step), self.ledger.keys())
         runs = _subset(step_perturbations(len(q), one_sided, center and not one_sided), perturbations)
         results = self._run_lockstep(fn, runs, chunks, step, eps, seeds)
-        layouts = [loss_tuple(d, one_sided, center) for d in q]  # None where another process ran it
-        return [[tuple(results.get(RunKey(p.direction, p.sign, m)) for p in layout) for layout in layouts]
-                for m in range(chunks)]
+        layouts = [loss_tuple(d, one_sided, center) for d in q]
+        return [[tuple(results.get(RunKey(p.direction, p.sign, m)) for p in layout)  # None: another process ran it
+                 for layout in layouts] for m in range(chunks)]
 
     def run_trial(
         self, fn: Callable[[RunKey], Any], commits: Sequence[Commit], chunks: int = 1,
